@@ -1,0 +1,3 @@
+from reludoctor.cli import main
+
+main()

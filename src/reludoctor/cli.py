@@ -1,0 +1,138 @@
+"""The ``reludoctor`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from reludoctor.errors import InputError
+from reludoctor.report.console import print_summary
+from reludoctor.report.model import Report
+
+app = typer.Typer(
+    help="Find, explain and fix dead ReLU units.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_HEALTHY, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _progress(console: Console, quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=True,
+    )
+
+
+def _fail(message: str) -> typer.Exit:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _write_report(report: Report, out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return report.save_json(out / "report.json")
+    except OSError as error:
+        raise _fail(f"cannot write the report into {out}: {error}") from error
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for report.json.")] = Path("reludoctor-demo"),
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 25,
+    samples: Annotated[int, typer.Option(min=100, help="Samples of the data set.")] = 200_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the summary.")] = False,
+) -> None:
+    """Reproduce "Is ReLU Dead?" (inputs uniform in (-1, 0), one ReLU layer) and diagnose it."""
+    from reludoctor.scenarios import IsReluDead
+
+    console = Console(stderr=as_json)
+    scenario = IsReluDead(samples=samples, epochs=epochs)
+    if not quiet:
+        console.print(f"[bold]{scenario.name}[/]")
+    with _progress(console, quiet or as_json) as progress:
+        task = progress.add_task("training", total=epochs)
+        result = scenario.run(on_epoch=lambda *_: progress.advance(task))
+    report = result.report
+    assert report is not None
+    path = _write_report(report, out)
+    if as_json:
+        typer.echo(report.to_json())
+        return
+    if not quiet:
+        first, last = result.train_loss[0], result.train_loss[-1]
+        console.print(
+            f"train loss {first:.4f} -> {last:.4f}, validation loss "
+            f"{result.val_loss[0]:.4f} -> {result.val_loss[-1]:.4f} over {epochs} epochs"
+        )
+    print_summary(report, console)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def scan(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="torch.export program (.pt2), TorchScript archive or state dict.")
+    ],
+    data: Annotated[Path, typer.Option(help="Probe inputs: .npy, .npz or a saved tensor.")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="package.module:function returning the model (state dicts)."),
+    ] = None,
+    data_key: Annotated[str | None, typer.Option(help="Array to use from an .npz file.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    trust: Annotated[
+        bool, typer.Option(help="Allow pickled files that can run code when loaded.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder to write report.json into.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Scan a saved model with probe data. Exit 0 healthy, 1 error findings, 2 bad input."""
+    import reludoctor
+    from reludoctor.loading import load_model, load_probe_data
+
+    console = Console(stderr=as_json)
+    try:
+        inputs = load_probe_data(data, key=data_key)
+        example = inputs[: min(len(inputs), batch_size)] if inputs.dim() else None
+        module = load_model(checkpoint, factory=model, trust=trust, example=example)
+        with _progress(console, quiet or as_json) as progress:
+            task = progress.add_task("scanning", total=len(inputs) if inputs.dim() else None)
+            report = reludoctor.scan(
+                module, inputs, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n)
+            )
+    except InputError as error:
+        raise _fail(str(error)) from error
+    report.meta["checkpoint"] = str(checkpoint)
+    if out is not None:
+        _write_report(report, out)
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        print_summary(report, console)
+    raise typer.Exit(EXIT_HEALTHY if report.healthy else EXIT_FINDINGS)
+
+
+def main() -> None:
+    """Entry point of the ``reludoctor`` console script."""
+    app(prog_name="reludoctor")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

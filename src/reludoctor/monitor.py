@@ -1,0 +1,186 @@
+"""``rd.watch``: the monitor a training loop keeps on for the whole run."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from reludoctor.probes import Probes
+from reludoctor.report.model import Report, Window
+from reludoctor.rules import Observations, Thresholds, run_rules
+from reludoctor.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
+
+DEFAULT_WINDOW = 100
+DEFAULT_SAMPLE_EVERY = 10
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _require_module(model: Any, caller: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{caller} expects a torch.nn.Module, got {type(model).__module__}."
+            f"{type(model).__qualname__}; pass the model itself (for a torch.export program, "
+            "its .module())"
+        )
+    return model
+
+
+class Monitor:
+    """Watches one model's activations; see :func:`watch`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        window: int = DEFAULT_WINDOW,
+        sample_every: int = DEFAULT_SAMPLE_EVERY,
+        count_eval: bool = False,
+        thresholds: Thresholds | None = None,
+        dormancy_threshold: float = DORMANCY_THRESHOLD,
+        unit_detail_limit: int = UNIT_DETAIL_LIMIT,
+        on_window: Callable[[Window], None] | None = None,
+    ) -> None:
+        self.model = _require_module(model, "rd.watch")
+        self.thresholds = thresholds or Thresholds()
+        self.tracker = Tracker(
+            _positive_int(window, "window"),
+            _positive_int(sample_every, "sample_every"),
+            dormancy_threshold=dormancy_threshold,
+            unit_detail_limit=unit_detail_limit,
+        )
+        if on_window is not None:
+            self.tracker.on_window.append(on_window)
+        self.count_eval = count_eval
+        self.probes: Probes | None = Probes(model, self.tracker, count=self._counts)
+
+    def _counts(self, model: nn.Module) -> bool:
+        return model.training or self.count_eval
+
+    # -- the training loop's side ---------------------------------------------------------
+    def step(self, loss: torch.Tensor | float | None = None) -> Window | None:
+        """Mark the end of a training step; closes a window every ``window`` steps.
+
+        Cheap: no value is read back from the device except when a window closes.
+        Returns the window it closed, or None.
+        """
+        return self.tracker.step(loss)
+
+    @property
+    def steps(self) -> int:
+        return self.tracker.steps
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the activation layers seen so far (they appear at the first forward)."""
+        return [layer.site.name for layer in self.tracker.layers]
+
+    # -- results --------------------------------------------------------------------------
+    def report(self) -> Report:
+        """A report over all closed windows plus the open one.
+
+        Layer summaries (dead units, dormancy, gradients) cover the last closed window and
+        the open one together, so even a run shorter than one window gets a report.
+        """
+        tracker = self.tracker
+        open_window, open_snapshots = tracker.open_window()
+        windows = list(tracker.windows) + ([open_window] if open_window else [])
+        layers = tracker.layer_reports(open_snapshots)
+        if not layers:
+            warnings.warn(
+                f"reludoctor saw no ReLU-family activation in {type(self.model).__name__} "
+                "(none ran in a counted forward); the report is empty",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        findings = run_rules(Observations(layers, windows), self.thresholds)
+        meta = {
+            "model": type(self.model).__name__,
+            "steps": tracker.steps,
+            "window": tracker.window,
+            "sample_every": tracker.sample_every,
+            "dormancy_threshold": tracker.dormancy_threshold,
+            "torch": torch.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return Report(layers=layers, windows=windows, findings=findings, meta=meta)
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove every hook and wrapper. The monitor can still make reports afterwards."""
+        if self.probes is not None:
+            self.probes.remove()
+            self.tracker.disarm()
+            self.probes = None
+
+    @property
+    def closed(self) -> bool:
+        return self.probes is None
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "probes", None) is not None:
+            self.close()
+
+
+def watch(
+    model: nn.Module,
+    *,
+    window: int = DEFAULT_WINDOW,
+    sample_every: int = DEFAULT_SAMPLE_EVERY,
+    count_eval: bool = False,
+    thresholds: Thresholds | None = None,
+    dormancy_threshold: float = DORMANCY_THRESHOLD,
+    on_window: Callable[[Window], None] | None = None,
+) -> Monitor:
+    """Watch every ReLU-family activation of ``model`` while it trains.
+
+    Args:
+        model: any ``nn.Module``; activation modules and functional calls are both seen.
+        window: steps per window; a unit is dead in a window if it never fired in it.
+        sample_every: the costlier statistics (firing rates, dormancy, gradients) are taken
+            on every ``sample_every``-th step; deadness is checked on every step.
+        count_eval: also count forwards made in eval mode (off: validation is not counted).
+        thresholds: overrides for the rules' thresholds.
+        dormancy_threshold: ReDo's tau for calling a unit dormant.
+        on_window: called with each closed :class:`Window`.
+
+    Example:
+        >>> import torch, reludoctor as rd
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> with rd.watch(model, window=10) as doc:
+        ...     for _ in range(3):
+        ...         model(torch.randn(16, 4)).sum().backward()
+        ...         doc.step()
+        >>> doc.report().layers[0].name
+        '1'
+    """
+    return Monitor(
+        model,
+        window=window,
+        sample_every=sample_every,
+        count_eval=count_eval,
+        thresholds=thresholds,
+        dormancy_threshold=dormancy_threshold,
+        on_window=on_window,
+    )

@@ -1,0 +1,581 @@
+"""Find rectifier-family activations in a model and route what they see to a tracker.
+
+Activation modules (``nn.ReLU`` ...) and functional calls (``F.relu``, ``torch.relu``,
+``Tensor.relu`` ...) are seen the same way: thin wrappers around the functional activations
+record the input (the pre-activation) before calling the real function. The wrappers over
+``torch.nn.functional`` and ``torch`` are swapped in only while the watched model's forward
+runs, and count only calls from the thread running it (a per-thread stack of watched
+forwards); ``Tensor.relu``/``relu_`` are swapped
+for as long as any model is watched (changing a class costs every tensor method a cache miss,
+so it is not done per forward) and pass straight through outside a watched forward. An
+activation module is recognised by its ``forward`` being the caller, so it needs no hook of
+its own. Graph modules from ``torch.export`` call ATen operators directly; for those a
+``TorchFunctionMode`` is entered around the forward instead.
+
+The watched forward is entered through an instance-level ``forward`` that wraps the class's
+(cheaper than a pair of module hooks, and it runs its exit on any exception).
+
+Each call site is one layer: an activation module by module (and which call of it within one
+forward), a functional call by the module that made it, its source line and which call of that
+line within one forward (so a loop over layers gives one layer per iteration).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+#: Activation modules, and the name of their function.
+ACTIVATION_MODULES: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.RReLU: "rrelu",
+    nn.ELU: "elu",
+    nn.CELU: "celu",
+    nn.SELU: "selu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Mish: "mish",
+    nn.Hardswish: "hardswish",
+}
+
+_F_NAMES = (
+    "relu",
+    "relu_",
+    "relu6",
+    "leaky_relu",
+    "leaky_relu_",
+    "rrelu",
+    "rrelu_",
+    "elu",
+    "elu_",
+    "celu",
+    "celu_",
+    "selu",
+    "selu_",
+    "gelu",
+    "silu",
+    "mish",
+    "hardswish",
+    "prelu",
+)
+_TORCH_NAMES = ("relu", "relu_", "selu", "selu_", "celu", "celu_", "rrelu", "rrelu_", "prelu")
+
+#: Functional activations swapped per forward: (namespace, attribute) -> activation name.
+#: ``hardtanh`` is watched only as the body of ``nn.ReLU6``.
+FUNCTIONAL_TARGETS: dict[tuple[Any, str], str] = {
+    **{(F, name): name.rstrip("_") for name in _F_NAMES},
+    **{(torch, name): name.rstrip("_") for name in _TORCH_NAMES},
+    (F, "hardtanh"): "hardtanh",
+}
+#: Tensor methods, swapped while any model is watched.
+TENSOR_TARGETS: dict[tuple[Any, str], str] = {
+    (torch.Tensor, "relu"): "relu",
+    (torch.Tensor, "relu_"): "relu",
+}
+
+#: ATen operators seen in graphs from ``torch.export`` -> activation name.
+_ATEN = torch.ops.aten
+ATEN_TARGETS: dict[Any, str] = {
+    _ATEN.relu.default: "relu",
+    _ATEN.relu_.default: "relu",
+    _ATEN.leaky_relu.default: "leaky_relu",
+    _ATEN.leaky_relu_.default: "leaky_relu",
+    _ATEN.elu.default: "elu",
+    _ATEN.elu_.default: "elu",
+    _ATEN.celu.default: "celu",
+    _ATEN.selu.default: "selu",
+    _ATEN.gelu.default: "gelu",
+    _ATEN.silu.default: "silu",
+    _ATEN.silu_.default: "silu",
+    _ATEN.mish.default: "mish",
+    _ATEN.hardswish.default: "hardswish",
+    _ATEN.prelu.default: "prelu",
+    _ATEN._prelu_kernel.default: "prelu",
+}
+
+#: Modules through which a unit keeps its identity (same features in, same features out).
+_PASS_THROUGH = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+)
+#: Modules whose output features sit in dim 1 (channels) rather than the last dim.
+_CHANNEL_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+)
+
+
+def _activation_kind(module_type: type) -> str | None:
+    for cls in module_type.__mro__:
+        kind = ACTIVATION_MODULES.get(cls)
+        if kind is not None:
+            return kind
+    return None
+
+
+@dataclass
+class Site:
+    """Where an activation runs, as found the first time it ran."""
+
+    name: str
+    kind: str
+    via: str  # "module" or "functional"
+    source: str | None
+    producer: str | None
+    unit_dim: int
+    weight: torch.nn.Parameter | None
+
+
+class Sink:
+    """What probes report to: a tracker implements these methods.
+
+    ``sampling`` says whether outputs are wanted in the current step.
+    """
+
+    sampling: bool = False
+
+    def new_layer(self, site: Site, x: torch.Tensor) -> Any:
+        """State for a newly seen call site, or None when it has nothing to measure."""
+        raise NotImplementedError
+
+    def observe_input(self, layer: Any, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def observe_output(self, layer: Any, out: torch.Tensor) -> None:
+        """Called only while ``sampling``."""
+        raise NotImplementedError
+
+
+class _Swap:
+    """A set of attributes swapped for wrappers and put back, reference-counted."""
+
+    def __init__(self, targets: dict[tuple[Any, str], str], wrap: Callable[..., Any]) -> None:
+        self.count = 0
+        self.originals: dict[Any, dict[str, Any]] = {}
+        self.wrappers: dict[Any, dict[str, Any]] = {}
+        for (owner, attr), kind in targets.items():
+            original = getattr(owner, attr)
+            self.originals.setdefault(owner, {})[attr] = original
+            self.wrappers.setdefault(owner, {})[attr] = wrap(original, kind)
+        # Classes get setattr/delattr; modules a dict update (one C call, no cache flush).
+        self.inherited = {
+            owner: {a for a in attrs if a not in vars(owner)}
+            for owner, attrs in self.originals.items()
+        }
+
+    def acquire(self) -> None:
+        if self.count == 0:
+            for owner, wrappers in self.wrappers.items():
+                if isinstance(owner, types.ModuleType):
+                    owner.__dict__.update(wrappers)
+                else:
+                    for attr, wrapper in wrappers.items():
+                        setattr(owner, attr, wrapper)
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            for owner, originals in self.originals.items():
+                if isinstance(owner, types.ModuleType):
+                    owner.__dict__.update(originals)
+                    continue
+                for attr, original in originals.items():
+                    if attr in self.inherited[owner]:
+                        delattr(owner, attr)
+                    else:
+                        setattr(owner, attr, original)
+
+
+class _Patcher:
+    """The process-wide wrappers, shared by every monitor."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.local = threading.local()  # .stack: probes running a forward, innermost last
+        originals = [getattr(owner, attr) for owner, attr in FUNCTIONAL_TARGETS]
+        # Calls made from inside these functions are the same activation seen twice.
+        self.internal_codes = frozenset(
+            f.__code__ for f in originals if isinstance(f, types.FunctionType)
+        )
+        # A call from one of these is an activation module's own call.
+        self.module_codes = frozenset(
+            cls.forward.__code__
+            for cls in ACTIVATION_MODULES
+            if isinstance(cls.forward, types.FunctionType)
+        )
+        self.functional = _Swap(FUNCTIONAL_TARGETS, self._wrap)
+        self.tensor = _Swap(TENSOR_TARGETS, self._wrap)
+
+    def stack(self) -> list[Probes]:
+        stack = getattr(self.local, "stack", None)
+        if stack is None:
+            stack = self.local.stack = []
+        return stack
+
+    def _wrap(self, original: Any, kind: str) -> Callable[..., Any]:
+        local = self.local
+        internal_codes = self.internal_codes
+        module_codes = self.module_codes
+        module_only = kind == "hardtanh"
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            stack = getattr(local, "stack", None)
+            if not stack:
+                return original(*args, **kwargs)
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                return original(*args, **kwargs)
+            frame = sys._getframe(1)
+            code = frame.f_code
+            if code in internal_codes:
+                return original(*args, **kwargs)
+            probes = stack[-1]
+            if code in module_codes:  # an activation module calling its function
+                module = frame.f_locals.get("self")
+                base = id(module)
+                occurrences = probes.occurrences
+                n = occurrences.get(base, 0)
+                occurrences[base] = n + 1
+                layer = probes.layers.get((base, n))
+                if layer is None:
+                    layer = probes.new_module_layer(module, n, x)
+            elif module_only:
+                return original(*args, **kwargs)
+            else:
+                layer = probes.functional_layer(frame, kind, x)
+            if layer is _SKIP:
+                return original(*args, **kwargs)
+            sink = probes.sink
+            sink.observe_input(layer, x)
+            out = original(*args, **kwargs)
+            if sink.sampling:
+                sink.observe_output(layer, out)
+            return out
+
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        wrapper.__name__ = getattr(original, "__name__", kind)
+        wrapper.__doc__ = getattr(original, "__doc__", None)
+        return wrapper
+
+
+_PATCHER: _Patcher | None = None
+
+
+def _patcher() -> _Patcher:
+    global _PATCHER
+    if _PATCHER is None:
+        _PATCHER = _Patcher()
+    return _PATCHER
+
+
+class _AtenMode(TorchFunctionMode):
+    """Catches activation operators called directly, as graphs from ``torch.export`` do."""
+
+    def __init__(self, probes: Probes) -> None:
+        super().__init__()
+        self.probes = probes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        kind = ATEN_TARGETS.get(func)
+        if kind is None or not args or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        x = args[0]
+        layer = self.probes.aten_layer(kind, x)
+        if layer is _SKIP:
+            return func(*args, **kwargs)
+        sink = self.probes.sink
+        sink.observe_input(layer, x)
+        out = func(*args, **kwargs)
+        if sink.sampling:
+            sink.observe_output(layer, out)
+        return out
+
+
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, Probes] = weakref.WeakKeyDictionary()
+_SKIP = object()  # a call site seen before that has nothing to measure
+
+
+class Probes:
+    """Installs and removes everything that watches one model; refuses to attach twice.
+
+    ``count`` decides per forward whether to observe (e.g. only in training mode).
+    """
+
+    def __init__(
+        self, model: nn.Module, sink: Sink, count: Callable[[nn.Module], bool] | None = None
+    ) -> None:
+        if model in _WATCHED:
+            raise RuntimeError(
+                f"this {type(model).__name__} is already watched by reludoctor; close the first "
+                "monitor (doc.close() or leave its `with` block) before watching it again"
+            )
+        self.model = model
+        self.sink = sink
+        self.count = count or (lambda m: True)
+        self.module_names = {id(m): n for n, m in model.named_modules()}
+        self.root_name = type(model).__name__
+        self.layers: dict[Any, Any] = {}
+        self.depth = 0
+        self.counting = False
+        self.occurrences: dict[Any, int] = {}
+        self.discovering = True
+        self._produced: dict[int, tuple[weakref.ref[torch.Tensor], nn.Module]] = {}
+        self._input_producer: dict[int, nn.Module] = {}
+        self._discovery_handles: list[Any] = []
+        self._names: set[str] = set()
+        self._aten_mode: _AtenMode | None = None
+        self._aten_nodes: list[Any] | None = None
+        if isinstance(model, torch.fx.GraphModule):
+            self._aten_nodes = [
+                n for n in model.graph.nodes if n.op == "call_function" and n.target in ATEN_TARGETS
+            ]
+        self._own_forward = model.__dict__.get("forward")
+        inner = self._own_forward or types.MethodType(type(model).forward, model)
+        probes = self
+
+        def watched_forward(self_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if self_model is not probes.model:  # a copy of the watched model: run its own
+                return type(self_model).forward(self_model, *args, **kwargs)
+            probes.enter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                probes.leave()
+
+        self.patcher = patcher = _patcher()
+        with patcher.lock:
+            patcher.tensor.acquire()
+        model.forward = types.MethodType(watched_forward, model)  # type: ignore[method-assign]
+        _WATCHED[model] = self
+        self._installed = True
+
+    # -- lifetime -------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every wrapper and mode this object installed. Safe to call twice."""
+        self._end_discovery()
+        if self.counting:
+            self.depth = 1
+            self.leave()
+        if not self._installed:
+            return
+        self._installed = False
+        if self._own_forward is not None:
+            self.model.forward = self._own_forward  # type: ignore[method-assign]
+        else:
+            self.model.__dict__.pop("forward", None)
+        if _WATCHED.get(self.model) is self:
+            del _WATCHED[self.model]
+        with self.patcher.lock:
+            self.patcher.tensor.release()
+
+    # -- the watched forward --------------------------------------------------------------
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > 1 or not self.count(self.model):
+            return
+        self.counting = True
+        self.occurrences.clear()
+        if self.discovering:
+            self._start_discovery()
+        patcher = self.patcher
+        with patcher.lock:
+            patcher.functional.acquire()
+        patcher.stack().append(self)
+        if self._aten_nodes:
+            self._aten_mode = _AtenMode(self)
+            self._aten_mode.__enter__()
+
+    def leave(self) -> None:
+        self.depth -= 1
+        if self.depth > 0 or not self.counting:
+            self.depth = max(self.depth, 0)
+            return
+        self.counting = False
+        if self._aten_mode is not None:
+            mode, self._aten_mode = self._aten_mode, None
+            mode.__exit__(None, None, None)
+        patcher = self.patcher
+        stack = patcher.stack()
+        if stack and stack[-1] is self:
+            stack.pop()
+        with patcher.lock:
+            patcher.functional.release()
+        if self._discovery_handles:
+            self._end_discovery()
+            self.discovering = False
+
+    # -- discovery: which module produced each activation's input -------------------------
+    def _start_discovery(self) -> None:
+        for module in self.model.modules():
+            if module is not self.model:
+                handle = module.register_forward_hook(self._record_producer)
+                self._discovery_handles.append(handle)
+
+    def _end_discovery(self) -> None:
+        for handle in self._discovery_handles:
+            handle.remove()
+        self._discovery_handles.clear()
+        self._produced.clear()
+
+    def _record_producer(self, module: nn.Module, args: Any, output: Any) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            source = self._producer_of(args[0])
+            if source is not None:
+                self._input_producer.setdefault(id(module), source)
+        # The innermost module to return a tensor produced it: keep the first live record.
+        if isinstance(output, torch.Tensor) and self._producer_of(output) is None:
+            self._produced[id(output)] = (weakref.ref(output), module)
+
+    def _producer_of(self, x: torch.Tensor) -> nn.Module | None:
+        entry = self._produced.get(id(x))
+        if entry is None or entry[0]() is not x:
+            return None
+        return entry[1]
+
+    # -- layers: a dict lookup per call, the rest only on first sight ----------------------
+    def _layer(self, key: Any, describe: Callable[[], Site | None], x: torch.Tensor) -> Any:
+        """The layer under ``key`` (``_SKIP`` when it has nothing to measure)."""
+        layer = self.layers.get(key)
+        if layer is None:
+            site = describe()
+            layer = self.sink.new_layer(site, x) if site is not None else None
+            layer = self.layers[key] = _SKIP if layer is None else layer
+        return layer
+
+    def new_module_layer(self, module: Any, n: int, x: torch.Tensor) -> Any:
+        """The layer for the ``n``-th call of an activation module in this forward."""
+
+        def describe() -> Site | None:
+            kind = _activation_kind(type(module))
+            if kind is None:
+                return None
+            name = self.module_names.get(id(module)) or self.root_name
+            return self._site(name if n == 0 else f"{name}#{n + 1}", kind, "module", None, x)
+
+        return self._layer((id(module), n), describe, x)
+
+    def functional_layer(self, frame: Any, kind: str, x: torch.Tensor) -> Any:
+        """The layer for a functional call made from ``frame``."""
+        code = frame.f_code
+        lineno = frame.f_lineno
+        base = (id(frame.f_locals.get("self")), code, lineno)
+        occurrences = self.occurrences
+        n = occurrences.get(base, 0)
+        occurrences[base] = n + 1
+
+        def describe() -> Site:
+            source = f"{code.co_filename}:{lineno}"
+            return self._site(self._owner_name(frame), kind, "functional", source, x)
+
+        return self._layer((*base, n), describe, x)
+
+    def aten_layer(self, kind: str, x: torch.Tensor) -> Any:
+        """The layer for an ATen activation inside an exported graph."""
+        n = self.occurrences.get("aten", 0)
+        self.occurrences["aten"] = n + 1
+
+        def describe() -> Site:
+            nodes = self._aten_nodes or []
+            node = nodes[n] if n < len(nodes) else None
+            if node is None:
+                return self._site(self.root_name, kind, "functional", None, x)
+            owner, via = self.root_name, "functional"
+            stack = node.meta.get("nn_module_stack") or {}
+            if stack:
+                path, module_type = list(stack.values())[-1]
+                owner = path or self.root_name
+                via = "module" if _is_activation_type(module_type) else "functional"
+            return self._site(owner, kind, via, node.name, x)
+
+        return self._layer(("aten", n), describe, x)
+
+    def _owner_name(self, frame: Any) -> str:
+        """Qualified name of the nearest watched module on the call stack."""
+        walk = frame
+        for _ in range(8):
+            if walk is None:
+                break
+            candidate = walk.f_locals.get("self")
+            name = self.module_names.get(id(candidate)) if candidate is not None else None
+            if name is not None:
+                return name or self.root_name
+            walk = walk.f_back
+        return self.root_name
+
+    def _site(self, owner: str, kind: str, via: str, source: str | None, x: torch.Tensor) -> Site:
+        producer = self._producer_of(x)
+        producer_name = self.module_names.get(id(producer)) if producer is not None else None
+        name = f"{producer_name or owner}:{kind}" if via == "functional" else owner
+        unique, n = name, 1
+        while unique in self._names:
+            n += 1
+            unique = f"{name}#{n}"
+        self._names.add(unique)
+        return Site(
+            name=unique,
+            kind=kind,
+            via=via,
+            source=source,
+            producer=producer_name,
+            unit_dim=_unit_dim(x, producer),
+            weight=self._weight_upstream(producer),
+        )
+
+    def _weight_upstream(self, producer: nn.Module | None) -> nn.Parameter | None:
+        """The weight whose rows feed this activation's units (Linear/Conv), if found."""
+        hops = 0
+        while producer is not None and hops < 4:
+            if isinstance(producer, (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)):
+                weight = getattr(producer, "weight", None)
+                transposed = getattr(producer, "transposed", False)
+                if isinstance(weight, nn.Parameter) and not transposed:
+                    return weight
+                return None
+            if not isinstance(producer, _PASS_THROUGH):
+                return None
+            producer = self._input_producer.get(id(producer))
+            hops += 1
+        return None
+
+
+def _is_activation_type(module_type: Any) -> bool:
+    if isinstance(module_type, str):
+        return any(module_type.endswith(cls.__name__) for cls in ACTIVATION_MODULES)
+    return isinstance(module_type, type) and _activation_kind(module_type) is not None
+
+
+def _unit_dim(x: torch.Tensor, producer: nn.Module | None) -> int:
+    """Which dim holds the units: channels for conv-like producers, else the last dim."""
+    if x.dim() <= 2:
+        return x.dim() - 1 if x.dim() else 0
+    if producer is not None:
+        return 1 if isinstance(producer, _CHANNEL_FIRST) else x.dim() - 1
+    return 1 if x.dim() >= 4 else x.dim() - 1

@@ -1,0 +1,433 @@
+"""Device-side counters per layer, windows of steps, and the history they leave.
+
+The per-step path does one fused reduction per layer (a running per-unit maximum of the
+pre-activation: a unit is alive iff its maximum is > 0). The costlier statistics - firing
+counts, |output| sums for the dormancy score, gradient statistics, non-finite counts - are
+taken only on sampled steps. Nothing in the per-step path reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from reludoctor.probes import Sink, Site
+from reludoctor.report.model import LayerReport, Window, WindowLayer
+
+#: ReDo (Sokar et al. 2023) calls a unit dormant when its mean |activation| divided by its
+#: layer's mean is at most tau; 0.025 is the value the paper uses for its Atari agents.
+DORMANCY_THRESHOLD = 0.025
+#: Activations whose output is never negative: |output| is the output itself.
+NON_NEGATIVE = frozenset({"relu", "relu6"})
+#: Layers wider than this keep summaries but no per-unit lists in the report.
+UNIT_DETAIL_LIMIT = 65_536
+
+
+@dataclass(frozen=True)
+class Counter:
+    """A statistic kept per layer: declared once, reset, moved and combined generically."""
+
+    name: str
+    per_unit: bool
+    dtype: torch.dtype
+    initial: float
+    reduce: str  # "max" or "sum": how windows (and, later, processes) combine
+
+
+COUNTERS: tuple[Counter, ...] = (
+    Counter("max_pre", True, torch.float32, -math.inf, "max"),
+    Counter("fire_count", True, torch.int64, 0, "sum"),
+    Counter("abs_sum", True, torch.float32, 0.0, "sum"),
+    Counter("grad_row_max", True, torch.float32, 0.0, "max"),
+    Counter("grad_sq", False, torch.float32, 0.0, "sum"),
+)
+#: Host-side integers: shapes are known on the host, so counting them needs no sync.
+HOST_COUNTERS = ("positions", "sampled_positions", "grad_samples", "grad_row_samples")
+
+Snapshot = dict[str, Any]
+
+
+#: A layer's per-call maxima are kept (one kernel each) and folded into the running maximum
+#: every this many calls (amortised: two kernels per fold).
+PENDING_MAXIMA = 16
+#: ... as long as they take at most this many floats per layer.
+PENDING_BUDGET = 1 << 20
+
+
+class LayerState:
+    """Counters of one activation call site, on the device its inputs live on."""
+
+    def __init__(self, site: Site, x: torch.Tensor) -> None:
+        self.site = site
+        self.rank = x.dim()
+        self.unit_dim = site.unit_dim
+        self.units = int(x.shape[self.unit_dim]) if self.rank else 1
+        self.reduce_dims = tuple(d for d in range(self.rank) if d != self.unit_dim)
+        self.pending_limit = max(1, min(PENDING_MAXIMA, PENDING_BUDGET // max(self.units, 1)))
+        self.pending: list[torch.Tensor] = []
+        self.tensors = {
+            c.name: torch.full((self.units,) if c.per_unit else (), c.initial, dtype=c.dtype)
+            for c in COUNTERS
+        }
+        self.to(x.device)
+        self.reset_host()
+        self.last: Snapshot | None = None
+        self.warned_shape = False
+
+    def to(self, device: torch.device) -> None:
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        self.device = device
+        self.max_pre = self.tensors["max_pre"]
+        self.fire_count = self.tensors["fire_count"]
+        self.abs_sum = self.tensors["abs_sum"]
+        self.grad_row_max = self.tensors["grad_row_max"]
+        self.grad_sq = self.tensors["grad_sq"]
+
+    def reset_host(self) -> None:
+        self.positions = 0
+        self.sampled_positions = 0
+        self.grad_samples = 0
+        self.grad_row_samples = 0
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` has this layer's shape (moving the counters to its device)."""
+        if x.dim() == self.rank and (not self.rank or x.shape[self.unit_dim] == self.units):
+            if x.device != self.device:
+                self.fold()
+                self.to(x.device)
+            return True
+        if not self.warned_shape:
+            self.warned_shape = True
+            warnings.warn(
+                f"reludoctor: layer {self.site.name!r} first ran with {self.units} units "
+                f"(rank {self.rank}) and now with shape {tuple(x.shape)}; calls of the new shape "
+                "are not counted",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return False
+
+    def record_max(self, x: torch.Tensor) -> None:
+        """One kernel: the per-unit maximum of ``x``, kept until the next fold."""
+        dims = self.reduce_dims
+        self.pending.append(torch.amax(x, dims) if dims else x.clone())
+        if len(self.pending) >= self.pending_limit:
+            self.fold()
+
+    def fold(self) -> None:
+        if self.pending:
+            pending, self.pending = self.pending, []
+            latest = torch.stack(pending).amax(0) if len(pending) > 1 else pending[0]
+            torch.maximum(self.max_pre, latest, out=self.max_pre)
+
+    def snapshot(self) -> Snapshot:
+        """Host copy of every counter (one read per tensor)."""
+        self.fold()
+        snap: Snapshot = {
+            c.name: self.tensors[c.name].detach().cpu().numpy().copy() for c in COUNTERS
+        }
+        snap.update({name: getattr(self, name) for name in HOST_COUNTERS})
+        return snap
+
+    def reset(self) -> None:
+        for counter in COUNTERS:
+            self.tensors[counter.name].fill_(counter.initial)
+        self.pending.clear()
+        self.reset_host()
+
+
+def merge(a: Snapshot | None, b: Snapshot | None) -> Snapshot | None:
+    """Combine two snapshots of the same layer by each counter's own reduction."""
+    if a is None or b is None:
+        return a if b is None else b
+    out: Snapshot = {}
+    for counter in COUNTERS:
+        op = np.fmax if counter.reduce == "max" else np.add
+        out[counter.name] = op(a[counter.name], b[counter.name])
+    for name in HOST_COUNTERS:
+        out[name] = a[name] + b[name]
+    return out
+
+
+class Tracker(Sink):
+    """Receives observations from :class:`Probes`, closes windows, keeps the history."""
+
+    def __init__(
+        self,
+        window: int,
+        sample_every: int,
+        *,
+        dormancy_threshold: float = DORMANCY_THRESHOLD,
+        unit_detail_limit: int = UNIT_DETAIL_LIMIT,
+    ) -> None:
+        self.window = window
+        self.sample_every = sample_every
+        self.dormancy_threshold = dormancy_threshold
+        self.unit_detail_limit = unit_detail_limit
+        self.layers: list[LayerState] = []
+        self._armed: list[Any] = []
+        self.steps = 0
+        self.window_start = 0
+        self.windows: list[Window] = []
+        self.sampling = True
+        self.on_window: list[Callable[[Window], None]] = []
+        self._reset_loss()
+
+    # -- Sink -----------------------------------------------------------------------------
+    def new_layer(self, site: Site, x: torch.Tensor) -> LayerState | None:
+        if not x.is_floating_point() or (x.dim() and x.shape[site.unit_dim] == 0):
+            return None
+        layer = LayerState(site, x)
+        self.layers.append(layer)
+        if self.sampling:
+            self._arm(layer)
+        return layer
+
+    def observe_input(self, layer: LayerState, x: torch.Tensor) -> None:
+        if (
+            x.dim() != layer.rank
+            or x.device != layer.device
+            or (layer.rank and x.shape[layer.unit_dim] != layer.units)
+        ) and not layer.fits(x):
+            return
+        x = x.detach()
+        n = x.numel() // layer.units
+        if n == 0:
+            return
+        layer.record_max(x)
+        layer.positions += n
+        if self.sampling:
+            dims = layer.reduce_dims
+            positive = x > 0
+            layer.fire_count += positive.sum(dims) if dims else positive
+            layer.sampled_positions += n
+
+    def observe_output(self, layer: LayerState, out: torch.Tensor) -> None:
+        if not layer.fits(out) or out.numel() == 0:
+            return
+        out = out.detach()
+        dims = layer.reduce_dims
+        # A non-finite output makes its unit's sum non-finite: that is how they are counted.
+        magnitude = out if layer.site.kind in NON_NEGATIVE else out.abs()
+        layer.abs_sum += magnitude.sum(dims, dtype=torch.float32) if dims else magnitude
+
+    # -- gradients: hooks armed only for sampled steps ------------------------------------
+    def _arm(self, layer: LayerState) -> None:
+        weight = layer.site.weight
+        if weight is None or not weight.requires_grad:
+            return
+        self._armed.append(weight.register_post_accumulate_grad_hook(self._grad_hook(layer)))
+
+    def disarm(self) -> None:
+        for handle in self._armed:
+            handle.remove()
+        self._armed.clear()
+
+    def _grad_hook(self, layer: LayerState) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if grad is None or grad.is_sparse or grad.device != layer.device:
+                return
+            grad = grad.detach()
+            layer.grad_samples += 1
+            if grad.dim() >= 2 and grad.shape[0] == layer.units:
+                # One pass over the gradient: per-unit row norms give both statistics.
+                rows = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float32)
+                layer.grad_sq += rows.square().sum()
+                torch.maximum(layer.grad_row_max, rows, out=layer.grad_row_max)
+                layer.grad_row_samples += 1
+            else:
+                layer.grad_sq += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+
+        return hook
+
+    # -- steps and windows ----------------------------------------------------------------
+    def _reset_loss(self) -> None:
+        self._losses: list[torch.Tensor | float] = []
+
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Keep the step's loss (a detached reference: no device work until a window closes)."""
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"doc.step(loss=...) expects a scalar loss, got a tensor of shape "
+                    f"{tuple(loss.shape)}; pass loss.mean() (or the value you call backward on)"
+                )
+            self._losses.append(loss.detach())
+        else:
+            self._losses.append(float(loss))
+
+    def step(self, loss: torch.Tensor | float | None = None) -> Window | None:
+        """End one training step; returns the window it closed, if any."""
+        if loss is not None:
+            self.record_loss(loss)
+        self.steps += 1
+        self.disarm()
+        self.sampling = self.steps % self.sample_every == 0
+        if self.sampling:
+            for layer in self.layers:
+                self._arm(layer)
+        if self.steps - self.window_start >= self.window:
+            return self.close_window()
+        return None
+
+    def _loss_summary(self) -> tuple[float | None, float | None, float | None]:
+        if not self._losses:
+            return None, None, None
+        tensors = [v for v in self._losses if isinstance(v, torch.Tensor)]
+        if len(tensors) == len(self._losses):
+            values = torch.stack(tensors).float().cpu().numpy().astype(np.float64)
+        else:
+            values = np.array([float(v) for v in self._losses])
+        if not np.isfinite(values).all():
+            return None, _finite(values[-1]), None
+        return float(values.mean()), float(values[-1]), float(values.max())
+
+    def _window(self, snapshots: list[Snapshot], complete: bool) -> Window:
+        loss_mean, loss_last, loss_max = self._loss_summary()
+        return Window(
+            index=len(self.windows),
+            start_step=self.window_start,
+            end_step=self.steps,
+            complete=complete,
+            layers=[
+                self._window_layer(lay, s) for lay, s in zip(self.layers, snapshots, strict=True)
+            ],
+            loss_mean=loss_mean,
+            loss_last=loss_last,
+            loss_max=loss_max,
+        )
+
+    def close_window(self) -> Window:
+        snapshots = [layer.snapshot() for layer in self.layers]
+        window = self._window(snapshots, complete=True)
+        for layer, snap in zip(self.layers, snapshots, strict=True):
+            layer.last = snap
+            layer.reset()
+        self.windows.append(window)
+        self.window_start = self.steps
+        self._reset_loss()
+        for callback in self.on_window:
+            callback(window)
+        return window
+
+    def open_window(self) -> tuple[Window | None, list[Snapshot]]:
+        """The window still open (None when it has seen nothing) and its snapshots."""
+        snapshots = [layer.snapshot() for layer in self.layers]
+        seen = any(s["positions"] for s in snapshots) or self._losses
+        if not seen and self.steps == self.window_start:
+            return None, snapshots
+        return self._window(snapshots, complete=False), snapshots
+
+    # -- summaries ------------------------------------------------------------------------
+    def _window_layer(self, layer: LayerState, snap: Snapshot) -> WindowLayer:
+        stats = _unit_stats(snap, self.dormancy_threshold)
+        return WindowLayer(
+            name=layer.site.name,
+            units=layer.units,
+            dead=int(stats["dead"].sum()),
+            dead_fraction=float(stats["dead"].mean()) if layer.units else 0.0,
+            samples=int(snap["positions"]),
+            mean_fire_rate=_mean(stats["fire_rate"]),
+            dormant=None if stats["dormant"] is None else int(stats["dormant"].sum()),
+            grad_norm=stats["grad_norm"],
+            zero_grad_units=None if stats["zero_grad"] is None else int(stats["zero_grad"].sum()),
+            nonfinite_units=int(stats["nonfinite"].sum()),
+        )
+
+    def layer_reports(self, open_snapshots: list[Snapshot]) -> list[LayerReport]:
+        """Per-layer summary over the last closed window merged with the open one."""
+        reports = []
+        for layer, open_snap in zip(self.layers, open_snapshots, strict=True):
+            snap = merge(layer.last, open_snap if open_snap["positions"] else None) or open_snap
+            stats = _unit_stats(snap, self.dormancy_threshold)
+            detail = layer.units <= self.unit_detail_limit
+            dead_units = np.flatnonzero(stats["dead"]).tolist()
+            zero_grad = stats["zero_grad"]
+            site = layer.site
+            reports.append(
+                LayerReport(
+                    name=site.name,
+                    kind=site.kind,
+                    via=site.via,
+                    units=layer.units,
+                    dead=len(dead_units),
+                    dead_fraction=len(dead_units) / layer.units,
+                    dead_units=dead_units,
+                    samples=int(snap["positions"]),
+                    source=site.source,
+                    producer=site.producer,
+                    unit_dim=layer.unit_dim,
+                    dormant_units=[]
+                    if stats["dormant"] is None
+                    else np.flatnonzero(stats["dormant"]).tolist(),
+                    fire_rate=_listed(stats["fire_rate"], detail),
+                    dormancy=_listed(stats["dormancy"], detail),
+                    max_preactivation=_listed(snap["max_pre"], detail and bool(snap["positions"])),
+                    grad_norm=stats["grad_norm"],
+                    zero_grad_units=None
+                    if zero_grad is None
+                    else np.flatnonzero(zero_grad).tolist(),
+                    nonfinite_units=int(stats["nonfinite"].sum()),
+                )
+            )
+        return reports
+
+
+def _unit_stats(snap: Snapshot, dormancy_threshold: float) -> dict[str, Any]:
+    """Per-unit arrays derived from one snapshot."""
+    max_pre = snap["max_pre"]
+    seen = snap["positions"] > 0
+    dead = (max_pre <= 0) if seen else np.zeros(max_pre.shape, dtype=bool)
+    sampled = snap["sampled_positions"]
+    fire_rate = dormancy = dormant = None
+    if sampled:
+        fire_rate = snap["fire_count"] / sampled
+        mean_abs = snap["abs_sum"].astype(np.float64) / sampled
+        finite = mean_abs[np.isfinite(mean_abs)]
+        layer_mean = float(finite.mean()) if finite.size else 0.0
+        if layer_mean > 0 and math.isfinite(layer_mean):
+            dormancy = mean_abs / layer_mean
+        else:
+            dormancy = np.zeros_like(mean_abs)
+        dormant = dormancy <= dormancy_threshold
+    grad_norm = zero_grad = None
+    if snap["grad_samples"]:
+        grad_norm = _finite(math.sqrt(max(float(snap["grad_sq"]), 0.0) / snap["grad_samples"]))
+        if snap["grad_row_samples"]:
+            zero_grad = snap["grad_row_max"] == 0
+    nonfinite = ~np.isfinite(max_pre) & seen
+    nonfinite &= ~np.isneginf(max_pre)
+    if sampled:
+        nonfinite |= ~np.isfinite(snap["abs_sum"])
+    return {
+        "nonfinite": nonfinite,
+        "dead": dead,
+        "fire_rate": fire_rate,
+        "dormancy": dormancy,
+        "dormant": dormant,
+        "grad_norm": grad_norm,
+        "zero_grad": zero_grad,
+    }
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _mean(values: np.ndarray | None) -> float | None:
+    return None if values is None or not values.size else float(np.mean(values))
+
+
+def _listed(values: np.ndarray | None, keep: bool) -> list[float | None] | None:
+    if values is None or not keep:
+        return None
+    return [round(float(v), 6) if math.isfinite(v) else None for v in values.tolist()]

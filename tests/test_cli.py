@@ -1,0 +1,105 @@
+"""The command line: exit codes, output, and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from reludoctor.cli import app
+from reludoctor.report.model import Report
+from tests.fixtures.models import HALF, PLANTED, half_dead_mlp, mlp, planted_mlp
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def probe(tmp_path):
+    path = tmp_path / "probe.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32))
+    return path
+
+
+def save_weights(tmp_path, model):
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_scan_exit_1_on_error_findings_with_json(tmp_path, probe):
+    weights = save_weights(tmp_path, half_dead_mlp())
+    args = ["scan", str(weights), "--data", str(probe), "--json"]
+    result = runner.invoke(app, [*args, "--model", "tests.fixtures.models:half_dead_mlp"])
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    assert data["layers"][0]["dead_units"] == sorted(HALF)
+    assert data["healthy"] is False
+    assert [f["severity"] for f in data["findings"] if f["code"] == "dead_units"] == ["error"]
+
+
+def test_scan_exit_0_with_warning_below_error_level(tmp_path, probe):
+    weights = save_weights(tmp_path, planted_mlp())
+    args = ["scan", str(weights), "--data", str(probe), "--json"]
+    result = runner.invoke(app, [*args, "--model", "tests.fixtures.models:planted_mlp"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["layers"][0]["dead_units"] == sorted(PLANTED)
+    assert [f["severity"] for f in data["findings"]] == ["warning"]
+
+
+def test_scan_exit_0_when_healthy_and_writes_report(tmp_path, probe):
+    model = mlp()
+    with torch.no_grad():
+        model[0].bias.fill_(2.0)
+    weights = save_weights(tmp_path, model)
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        [
+            *("scan", str(weights), "--data", str(probe)),
+            *("--model", "tests.fixtures.models:mlp", "--out", str(out), "--quiet"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "healthy" in result.output
+    assert Report.load_json(out / "report.json").healthy
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["scan", "missing.pt", "--data", "PROBE"], "does not exist"),
+        (["scan", "WEIGHTS", "--data", "PROBE"], "--model"),
+        (["scan", "PICKLE", "--data", "PROBE"], "--trust"),
+        (["scan", "WEIGHTS", "--data", "WIDE", "--model", "tests.fixtures.models:mlp"], "(5, 5)"),
+    ],
+)
+def test_scan_bad_input_exits_2_with_one_message(tmp_path, probe, args, message):
+    weights = save_weights(tmp_path, mlp())
+    pickle_path = tmp_path / "whole.pt"
+    torch.save(mlp(), pickle_path)
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.zeros((5, 5), dtype=np.float32))
+    names = {"PROBE": probe, "WEIGHTS": weights, "PICKLE": pickle_path, "WIDE": wide}
+    args = [str(names.get(a, a)) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_demo_runs_end_to_end_and_finds_the_dead_layer(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--epochs", "2", "--samples", "5000"])
+    assert result.exit_code == 0, result.output
+    assert "dense:relu" in result.output
+    assert "dead_units" in result.output
+    report = Report.load_json(out / "report.json")
+    layer = report.layer("dense:relu")
+    assert layer.dead == layer.units == 1
+    assert not report.healthy
+    flat = report.meta["train_loss"]
+    assert flat[0] == pytest.approx(flat[-1])
