@@ -462,15 +462,6 @@ def test_step_with_non_scalar_loss_raises():
     assert doc.report().windows[0].loss_mean == pytest.approx(3.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason=(
-        "src bug: Tracker.record_loss accepts any one-element tensor but keeps its shape, and "
-        "_loss_summary torch.stack()s them, so losses of shape (1,) and () in one window crash "
-        "the window close with 'stack expects each tensor to be equal size'"
-    ),
-)
 def test_step_accepts_one_element_losses_of_any_shape():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with rd.watch(model, window=3) as doc:
@@ -530,14 +521,6 @@ def test_nan_loss_does_not_crash():
     report.to_json()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "src bug: tracker.merge() combines 'max' counters with np.fmax, which drops NaN, so a "
-        "NaN pre-activation on an unsampled step disappears from the report's nonfinite_units "
-        "as soon as a closed window is merged with the open one"
-    ),
-)
 def test_nan_on_unsampled_step_counted_across_windows():
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
     with torch.no_grad():

@@ -148,7 +148,8 @@ def merge(a: Snapshot | None, b: Snapshot | None) -> Snapshot | None:
         return a if b is None else b
     out: Snapshot = {}
     for counter in COUNTERS:
-        op = np.fmax if counter.reduce == "max" else np.add
+        # np.maximum, not fmax: a NaN seen in either snapshot must survive the merge.
+        op = np.maximum if counter.reduce == "max" else np.add
         out[counter.name] = op(a[counter.name], b[counter.name])
     for name in HOST_COUNTERS:
         out[name] = a[name] + b[name]
@@ -259,7 +260,7 @@ class Tracker(Sink):
                     f"doc.step(loss=...) expects a scalar loss, got a tensor of shape "
                     f"{tuple(loss.shape)}; pass loss.mean() (or the value you call backward on)"
                 )
-            self._losses.append(loss.detach())
+            self._losses.append(loss.detach().reshape(()))
         else:
             self._losses.append(float(loss))
 
