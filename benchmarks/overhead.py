@@ -6,6 +6,7 @@ workload it prints the median ratio (watched / plain) and its spread (interquart
 and the same for two plain copies (the control: what the set-up alone shows).
 
     python benchmarks/overhead.py [--rounds 30] [--block 20] [--threads 2] [--device cpu]
+                                  [--only W1 ...] [--sample-every N]
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def measure(
     rounds: int,
     block: int,
     device: str,
-    watch: bool = True,
-) -> list[float]:
-    """Ratios of watched to plain block times (plain to plain when ``watch`` is False)."""
+    watch: dict[str, int] | None,
+) -> tuple[list[float], float]:
+    """Ratios of watched to plain block times (plain to plain when ``watch`` is None), and
+    the plain step's median time in milliseconds."""
     torch.manual_seed(0)
     plain = build().to(device)
     watched = copy.deepcopy(plain)
@@ -96,8 +98,8 @@ def measure(
     y = torch.randint(0, 10, (batch,), device=device)
     opt_plain = torch.optim.Adam(plain.parameters(), lr=1e-3)
     opt_watched = torch.optim.Adam(watched.parameters(), lr=1e-3)
-    ratios = []
-    doc = rd.watch(watched) if watch else None
+    ratios, plain_steps = [], []
+    doc = rd.watch(watched, **watch) if watch is not None else None
     try:
         for _ in range(3):  # warm-up, including the discovery forward
             run_block(plain, opt_plain, x, y, block)
@@ -110,12 +112,13 @@ def measure(
                 t_watched = run_block(watched, opt_watched, x, y, block, doc)
                 t_plain = run_block(plain, opt_plain, x, y, block)
             ratios.append(t_watched / t_plain)
+            plain_steps.append(t_plain / block * 1e3)
         if doc is not None:
             doc.report()
     finally:
         if doc is not None:
             doc.close()
-    return ratios
+    return ratios, statistics.median(plain_steps)
 
 
 def main() -> None:
@@ -124,16 +127,23 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="*", help="workload labels to run, e.g. W1 W3")
+    parser.add_argument("--sample-every", type=int, help="rd.watch's sample_every")
     args = parser.parse_args()
+    settings = {} if args.sample_every is None else {"sample_every": args.sample_every}
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'workload':60s} {'median':>8s} {'q1':>7s} {'q3':>7s}")
+    print(f"{'workload':60s} {'median':>8s} {'q1':>7s} {'q3':>7s} {'plain ms/step':>14s}")
     for name, (build, shape, batch) in WORKLOADS.items():
-        for label, watch in (("watched", True), ("control, both plain", False)):
-            ratios = measure(build, shape, batch, args.rounds, args.block, args.device, watch)
+        if args.only and not any(name.startswith(label) for label in args.only):
+            continue
+        for label, watch in (("watched", settings), ("control, both plain", None)):
+            ratios, step_ms = measure(
+                build, shape, batch, args.rounds, args.block, args.device, watch
+            )
             q1, _, q3 = statistics.quantiles(ratios, n=4)
             row = f"{name} [{label}]"
-            print(f"{row:60s} {statistics.median(ratios):8.3f} {q1:7.3f} {q3:7.3f}")
+            print(f"{row:60s} {statistics.median(ratios):8.3f} {q1:7.3f} {q3:7.3f} {step_ms:14.3f}")
 
 
 if __name__ == "__main__":

@@ -720,3 +720,56 @@ def test_deepcopy_of_watched_model_runs_and_is_not_counted():
     assert not leftovers(model)
     assert not swapped_globals()
     twin(torch.randn(2, 8))  # still runs after the original's monitor is closed
+
+
+# -- 15. sampled statistics ------------------------------------------------------------------
+
+
+class Activation(nn.Module):
+    """Identity weights, then ``act``: the pre-activation is exactly the input."""
+
+    def __init__(self, units: int, act: nn.Module) -> None:
+        super().__init__()
+        self.fc = nn.Linear(units, units)
+        self.act = act
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(units))
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+@pytest.mark.parametrize(
+    "act",
+    [nn.LeakyReLU(0.1), nn.GELU(), nn.ELU(), nn.SiLU(), nn.PReLU(init=-0.5), nn.ReLU6()],
+    ids=lambda act: type(act).__name__,
+)
+def test_fire_rate_counts_positive_preactivations_for_every_kind(act):
+    """A unit fires where its pre-activation is > 0, even when the output is > 0 elsewhere
+    (a PReLU with a negative slope) or is never exactly 0 (GELU, ELU, SiLU)."""
+    torch.manual_seed(12)
+    inputs = [torch.randn(16, 5) for _ in range(3)]
+    model = Activation(5, act)
+    report = run_watched(model, 3, lambda step: inputs[step], sample_every=1)
+    layer = report.layer("act")
+    expected = (torch.cat(inputs) > 0).double().mean(0)
+    assert layer.fire_rate == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_large_activations_sample_leading_rows_but_count_every_row():
+    """Rates come from the batch's first rows once an activation is large; deadness from all."""
+    from reludoctor.tracker import SAMPLED_ELEMENTS
+
+    units, batch = 512, 2 * SAMPLED_ELEMENTS // 512  # twice the sampled budget
+    head = SAMPLED_ELEMENTS // units
+    x = torch.full((batch, units), -1.0)
+    x[:, 1] = 1.0  # unit 1 fires on every row
+    x[-1, 0] = 1.0  # unit 0 fires on the last row only: alive, but outside the sampled rows
+    x[: head // 4, 2] = 1.0  # unit 2 fires on a quarter of the sampled rows
+    report = run_watched(identity_relu(units), 2, lambda _step: x, sample_every=1)
+    layer = report.layer("1")
+    assert 0 not in layer.dead_units and 1 not in layer.dead_units
+    assert layer.dead == units - 3
+    assert layer.samples == 2 * batch
+    assert layer.fire_rate[:3] == pytest.approx([0.0, 1.0, 0.25])

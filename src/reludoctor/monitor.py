@@ -62,10 +62,7 @@ class Monitor:
         if on_window is not None:
             self.tracker.on_window.append(on_window)
         self.count_eval = count_eval
-        self.probes: Probes | None = Probes(model, self.tracker, count=self._counts)
-
-    def _counts(self, model: nn.Module) -> bool:
-        return model.training or self.count_eval
+        self.probes: Probes | None = Probes(model, self.tracker, count_eval=count_eval)
 
     # -- the training loop's side ---------------------------------------------------------
     def step(self, loss: torch.Tensor | float | None = None) -> Window | None:

@@ -326,12 +326,10 @@ _SKIP = object()  # a call site seen before that has nothing to measure
 class Probes:
     """Installs and removes everything that watches one model; refuses to attach twice.
 
-    ``count`` decides per forward whether to observe (e.g. only in training mode).
+    Forwards are observed in training mode, and in eval mode too with ``count_eval``.
     """
 
-    def __init__(
-        self, model: nn.Module, sink: Sink, count: Callable[[nn.Module], bool] | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, sink: Sink, count_eval: bool = False) -> None:
         if model in _WATCHED:
             raise RuntimeError(
                 f"this {type(model).__name__} is already watched by reludoctor; close the first "
@@ -339,7 +337,7 @@ class Probes:
             )
         self.model = model
         self.sink = sink
-        self.count = count or (lambda m: True)
+        self.count_eval = count_eval
         self.module_names = {id(m): n for n, m in model.named_modules()}
         self.root_name = type(model).__name__
         self.layers: dict[Any, Any] = {}
@@ -399,7 +397,7 @@ class Probes:
     # -- the watched forward --------------------------------------------------------------
     def enter(self) -> None:
         self.depth += 1
-        if self.depth > 1 or not self.count(self.model):
+        if self.depth > 1 or not (self.model.training or self.count_eval):
             return
         self.counting = True
         self.occurrences.clear()
