@@ -42,10 +42,16 @@ ORIGINAL_FUNCTIONS: dict[tuple[Any, str], Any] = {
             "rrelu",
         )
     },
-    **{(torch, name): getattr(torch, name) for name in ("relu", "relu_", "selu", "prelu", "rrelu")},
+    **{
+        (torch, name): getattr(torch, name)
+        for name in ("relu", "relu_", "selu", "prelu", "rrelu", "add")
+    },
 }
 #: Tensor methods are inherited from the C base class; they are not in ``vars(torch.Tensor)``.
-ORIGINAL_METHODS: dict[str, Any] = {name: getattr(torch.Tensor, name) for name in ("relu", "relu_")}
+ORIGINAL_METHODS: dict[str, Any] = {
+    name: getattr(torch.Tensor, name)
+    for name in ("relu", "relu_", "add", "add_", "__add__", "__iadd__", "__radd__")
+}
 INHERITED_METHODS = {name for name in ORIGINAL_METHODS if name not in vars(torch.Tensor)}
 
 

@@ -32,7 +32,7 @@ def render(report: Report, **kwargs) -> str:
 
 
 def make_report(layers: list[LayerReport]) -> Report:
-    return Report(layers=layers, windows=[], findings=run_rules(Observations(layers, [])))
+    return Report(layers=layers, windows=[], findings=run_rules(Observations(layers, [])).findings)
 
 
 def test_worst_layers_come_first_with_findings_and_remedies():

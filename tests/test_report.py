@@ -22,6 +22,10 @@ def two_layer_report() -> rd.Report:
     return run_watched(model, 7, randn_input(32, 6), window=3, sample_every=2)
 
 
+def dead_unit_findings(report: rd.Report) -> list[rd.Finding]:
+    return [f for f in report.findings if f.code == "dead_units"]
+
+
 # -- 12. the dead-units finding --------------------------------------------------------------
 
 
@@ -49,7 +53,7 @@ def test_dead_units_finding_severity(units, dead, severity):
         assert report.findings == []
         assert report.healthy
         return
-    [finding] = report.findings
+    [finding] = dead_unit_findings(report)
     assert (finding.kind, finding.code, finding.layer) == ("symptom", "dead_units", "1")
     assert finding.severity == severity
     assert report.healthy is (severity != "error")
@@ -72,14 +76,16 @@ def test_error_threshold_is_configurable():
     plant_dead(model[0], [1, 2, 3, 4], alive_bias=0.5)
     with rd.watch(model, thresholds=rd.Thresholds(dead_error_fraction=0.5)) as doc:
         train(model, doc, 2, randn_input(64, 8))
-    [finding] = doc.report().findings
+    [finding] = dead_unit_findings(doc.report())
     assert finding.severity == "warning"
 
 
 def test_findings_per_layer_and_their_order():
     report = two_layer_report()
-    assert {f.layer: f.severity for f in report.findings} == {"1": "error", "3": "warning"}
-    assert [f.severity for f in report.sorted_findings()] == ["error", "warning"]
+    dead = dead_unit_findings(report)
+    assert {f.layer: f.severity for f in dead} == {"1": "error", "3": "warning"}
+    severities = [f.severity for f in report.sorted_findings()]
+    assert severities == sorted(severities, key=["error", "warning", "info"].index)
     assert [layer.name for layer in report.worst_layers()] == ["1", "3"]
     assert not report.healthy
 
@@ -105,7 +111,7 @@ def test_rarely_firing_unit_is_not_dead(sample_every):
     assert layer.max_preactivation[2] == pytest.approx(0.75)
     if sample_every == 1:
         assert layer.fire_rate == pytest.approx([0.0, 0.0, 1 / (steps * batch), 0.0], abs=1e-6)
-    [finding] = report.findings
+    [finding] = dead_unit_findings(report)
     assert finding.evidence["dead_units"] == [0, 1, 3]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -11,13 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
+from reludoctor.findings import Finding
 from reludoctor.probes import Probes
 from reludoctor.report.model import Report, Window
-from reludoctor.rules import Observations, Thresholds, run_rules
+from reludoctor.rules import LIVE_RULES, Diagnosis, Observations, Thresholds, run_rules
 from reludoctor.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
 
 DEFAULT_WINDOW = 100
 DEFAULT_SAMPLE_EVERY = 10
+
+logger = logging.getLogger("reludoctor")
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -50,28 +55,73 @@ class Monitor:
         dormancy_threshold: float = DORMANCY_THRESHOLD,
         unit_detail_limit: int = UNIT_DETAIL_LIMIT,
         on_window: Callable[[Window], None] | None = None,
+        optimizer: Any = None,
+        on_finding: Callable[[Finding], None] | None = None,
     ) -> None:
         self.model = _require_module(model, "rd.watch")
         self.thresholds = thresholds or Thresholds()
+        self.optimizer = optimizer
+        self.on_finding = on_finding
+        self._announced: set[tuple[str, str | None]] = set()
+        self._static_facts = read_model_facts(model)
         self.tracker = Tracker(
             _positive_int(window, "window"),
             _positive_int(sample_every, "sample_every"),
             dormancy_threshold=dormancy_threshold,
             unit_detail_limit=unit_detail_limit,
         )
+        self.tracker.learning_rate = self._learning_rate
+        self.tracker.on_window.append(self._announce_findings)
         if on_window is not None:
             self.tracker.on_window.append(on_window)
         self.count_eval = count_eval
+        self._residual_adds: int | None = None
         self.probes: Probes | None = Probes(model, self.tracker, count_eval=count_eval)
 
     # -- the training loop's side ---------------------------------------------------------
-    def step(self, loss: torch.Tensor | float | None = None) -> Window | None:
+    def step(
+        self, loss: torch.Tensor | float | None = None, *, optimizer: Any = None
+    ) -> Window | None:
         """Mark the end of a training step; closes a window every ``window`` steps.
 
         Cheap: no value is read back from the device except when a window closes.
-        Returns the window it closed, or None.
+        ``optimizer`` (once is enough) lets the diagnosis read its type and learning rates,
+        as ``rd.watch(optimizer=...)`` does. Returns the window it closed, or None.
         """
+        if optimizer is not None:
+            self.optimizer = optimizer
         return self.tracker.step(loss)
+
+    def _learning_rate(self) -> float | None:
+        facts = read_optimizer_facts(self.optimizer) if self.optimizer is not None else None
+        return max(facts.learning_rates) if facts and facts.learning_rates else None
+
+    @property
+    def facts(self) -> ModelFacts:
+        """What is known of the model, optimizer and inputs so far."""
+        static = self._static_facts
+        return ModelFacts(
+            layers=static.layers,
+            norm_layers=static.norm_layers,
+            residual_adds=self.probes.residual_adds if self.probes else self._residual_adds,
+            optimizer=read_optimizer_facts(self.optimizer) if self.optimizer is not None else None,
+            inputs=self.tracker.inputs.facts(),
+        )
+
+    def diagnose(self, report_layers: Any, windows: list[Window]) -> Diagnosis:
+        return run_rules(Observations(report_layers, windows, self.facts), self.thresholds)
+
+    def _announce_findings(self, window: Window) -> None:
+        """At each window's end: log new symptoms and hand them to ``on_finding``."""
+        observations = Observations([], list(self.tracker.windows))
+        for finding in run_rules(observations, self.thresholds, LIVE_RULES).findings:
+            key = (finding.code, finding.layer)
+            if finding.severity == "info" or key in self._announced:
+                continue
+            self._announced.add(key)
+            logger.warning("reludoctor at step %d: %s", window.end_step, finding.message)
+            if self.on_finding is not None:
+                self.on_finding(finding)
 
     @property
     def steps(self) -> int:
@@ -100,7 +150,7 @@ class Monitor:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        findings = run_rules(Observations(layers, windows), self.thresholds)
+        diagnosis = self.diagnose(layers, windows)
         meta = {
             "model": type(self.model).__name__,
             "steps": tracker.steps,
@@ -110,12 +160,20 @@ class Monitor:
             "torch": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        return Report(layers=layers, windows=windows, findings=findings, meta=meta)
+        return Report(
+            layers=layers,
+            windows=windows,
+            findings=diagnosis.findings,
+            meta=meta,
+            facts=self.facts.to_dict(),
+            unjudged=[u.to_dict() for u in diagnosis.unjudged],
+        )
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
         """Remove every hook and wrapper. The monitor can still make reports afterwards."""
         if self.probes is not None:
+            self._residual_adds = self.probes.residual_adds
             self.probes.remove()
             self.tracker.disarm()
             self.probes = None
@@ -149,6 +207,8 @@ def watch(
     thresholds: Thresholds | None = None,
     dormancy_threshold: float = DORMANCY_THRESHOLD,
     on_window: Callable[[Window], None] | None = None,
+    optimizer: Any = None,
+    on_finding: Callable[[Finding], None] | None = None,
 ) -> Monitor:
     """Watch every ReLU-family activation of ``model`` while it trains.
 
@@ -161,6 +221,11 @@ def watch(
         thresholds: overrides for the rules' thresholds.
         dormancy_threshold: ReDo's tau for calling a unit dormant.
         on_window: called with each closed :class:`Window`.
+        optimizer: the training loop's optimizer, so the diagnosis can weigh its learning
+            rate against what happened (also accepted by ``doc.step``).
+        on_finding: called at a window's end with each new warning or error finding (dying
+            units, identical outputs ...), so a loop can react while it happens; they are
+            also logged to the ``reludoctor`` logger.
 
     Example:
         >>> import torch, reludoctor as rd
@@ -180,4 +245,6 @@ def watch(
         thresholds=thresholds,
         dormancy_threshold=dormancy_threshold,
         on_window=on_window,
+        optimizer=optimizer,
+        on_finding=on_finding,
     )

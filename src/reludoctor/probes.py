@@ -86,6 +86,17 @@ TENSOR_TARGETS: dict[tuple[Any, str], str] = {
     (torch.Tensor, "relu_"): "relu",
 }
 
+#: Additions counted during the first forward: two same-shaped activations added are a
+#: residual (skip) path.
+ADD_TARGETS: dict[tuple[Any, str], str] = {
+    (torch, "add"): "add",
+    (torch.Tensor, "add"): "add",
+    (torch.Tensor, "add_"): "add",
+    (torch.Tensor, "__add__"): "add",
+    (torch.Tensor, "__iadd__"): "add",
+    (torch.Tensor, "__radd__"): "add",
+}
+
 #: ATen operators seen in graphs from ``torch.export`` -> activation name.
 _ATEN = torch.ops.aten
 ATEN_TARGETS: dict[Any, str] = {
@@ -150,6 +161,7 @@ class Site:
     producer: str | None
     unit_dim: int
     weight: torch.nn.Parameter | None
+    bias: torch.nn.Parameter | None = None
 
 
 class Sink:
@@ -170,6 +182,16 @@ class Sink:
     def observe_output(self, layer: Any, out: torch.Tensor) -> None:
         """Called only while ``sampling``."""
         raise NotImplementedError
+
+    def wants_model_input(self) -> bool:
+        """Whether :meth:`observe_model_input` should see the next counted forward's input."""
+        return False
+
+    def observe_model_input(self, x: Any) -> None:
+        """The first argument of a counted forward of the watched model."""
+
+    def observe_model_output(self, out: Any) -> None:
+        """What a counted forward returned; called only while ``sampling``."""
 
 
 class _Swap:
@@ -232,6 +254,7 @@ class _Patcher:
         )
         self.functional = _Swap(FUNCTIONAL_TARGETS, self._wrap)
         self.tensor = _Swap(TENSOR_TARGETS, self._wrap)
+        self.adds = _Swap(ADD_TARGETS, self._wrap_add)
 
     def stack(self) -> list[Probes]:
         stack = getattr(self.local, "stack", None)
@@ -282,6 +305,27 @@ class _Patcher:
         wrapper.__wrapped__ = original  # type: ignore[attr-defined]
         wrapper.__name__ = getattr(original, "__name__", kind)
         wrapper.__doc__ = getattr(original, "__doc__", None)
+        return wrapper
+
+    def _wrap_add(self, original: Any, _kind: str) -> Callable[..., Any]:
+        local = self.local
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            stack = getattr(local, "stack", None)
+            if stack and len(args) >= 2:
+                a, b = args[0], args[1]
+                if (
+                    isinstance(a, torch.Tensor)
+                    and isinstance(b, torch.Tensor)
+                    and a.dim() >= 2
+                    and a.shape == b.shape
+                    and a.is_floating_point()
+                ):
+                    stack[-1].residual_adds += 1
+            return original(*args, **kwargs)
+
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        wrapper.__name__ = getattr(original, "__name__", "add")
         return wrapper
 
 
@@ -348,6 +392,9 @@ class Probes:
         self._produced: dict[int, tuple[weakref.ref[torch.Tensor], nn.Module]] = {}
         self._input_producer: dict[int, nn.Module] = {}
         self._discovery_handles: list[Any] = []
+        self._counting_adds = False
+        #: Same-shaped activations added in the first counted forward (None: not seen yet).
+        self.residual_adds: int | None = None
         self._names: set[str] = set()
         self._aten_mode: _AtenMode | None = None
         self._aten_nodes: list[Any] | None = None
@@ -358,13 +405,20 @@ class Probes:
         self._own_forward = model.__dict__.get("forward")
         inner = self._own_forward or types.MethodType(type(model).forward, model)
         probes = self
+        sink = self.sink
 
         def watched_forward(self_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if self_model is not probes.model:  # a copy of the watched model: run its own
                 return type(self_model).forward(self_model, *args, **kwargs)
             probes.enter()
             try:
-                return inner(*args, **kwargs)
+                outermost = probes.counting and probes.depth == 1
+                if outermost and sink.wants_model_input():
+                    sink.observe_model_input(args[0] if args else next(iter(kwargs.values()), None))
+                out = inner(*args, **kwargs)
+                if outermost and sink.sampling:
+                    sink.observe_model_output(out)
+                return out
             finally:
                 probes.leave()
 
@@ -436,12 +490,21 @@ class Probes:
             if module is not self.model:
                 handle = module.register_forward_hook(self._record_producer)
                 self._discovery_handles.append(handle)
+        if self._aten_nodes is None and not self._counting_adds:
+            self.residual_adds = 0
+            self._counting_adds = True
+            with self.patcher.lock:
+                self.patcher.adds.acquire()
 
     def _end_discovery(self) -> None:
         for handle in self._discovery_handles:
             handle.remove()
         self._discovery_handles.clear()
         self._produced.clear()
+        if self._counting_adds:
+            self._counting_adds = False
+            with self.patcher.lock:
+                self.patcher.adds.release()
 
     def _record_producer(self, module: nn.Module, args: Any, output: Any) -> None:
         if args and isinstance(args[0], torch.Tensor):
@@ -545,6 +608,7 @@ class Probes:
             producer=producer_name,
             unit_dim=_unit_dim(x, producer),
             weight=self._weight_upstream(producer),
+            bias=_direct_bias(producer),
         )
 
     def _weight_upstream(self, producer: nn.Module | None) -> nn.Parameter | None:
@@ -562,6 +626,15 @@ class Probes:
             producer = self._input_producer.get(id(producer))
             hops += 1
         return None
+
+
+def _direct_bias(producer: nn.Module | None) -> nn.Parameter | None:
+    """The bias added last to this activation's input: a Linear/Conv producing it directly."""
+    if isinstance(producer, (nn.Linear, nn.modules.conv._ConvNd)):
+        bias = getattr(producer, "bias", None)
+        if isinstance(bias, nn.Parameter) and not getattr(producer, "transposed", False):
+            return bias
+    return None
 
 
 def _is_activation_type(module_type: Any) -> bool:

@@ -1,87 +1,681 @@
-"""Rules: pure functions from what was observed to findings. They never touch a model."""
+"""Rules: pure functions from what was observed (history + facts) to findings.
+
+Each rule reads :class:`Observations` only - never the model, and never a scenario's label -
+and returns findings, or an :class:`Unjudged` note when it lacked what it needed. A cause is
+named only with evidence that it acted in this run; every threshold is a named, overridable
+constant in :class:`Thresholds` with a comment on where its value comes from.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import itertools
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from reludoctor.facts import ModelFacts
 from reludoctor.findings import Finding
 from reludoctor.report.model import LayerReport, Window
 
-#: Seed 002: "over ~40% dead units severely harms training" - the error threshold.
-DEAD_ERROR_FRACTION = 0.40
-#: How many dead unit indices a finding quotes as evidence (the report holds all of them).
+#: How many unit indices a finding quotes as evidence (the report holds all of them).
 EVIDENCE_UNITS = 20
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Every threshold a rule uses, overridable per call."""
+    """Every threshold a rule uses, overridable per call (``rd.watch(thresholds=...)``)."""
 
-    dead_error_fraction: float = DEAD_ERROR_FRACTION
+    #: Seed 002: "over ~40% dead units severely harms training".
+    dead_error_fraction: float = 0.40
+    #: A rise of this much in a layer's dead fraction across windows is "dying": well above
+    #: the window-to-window jitter of healthy layers (a few points, in our controls).
+    dying_rise: float = 0.10
+    #: Relative loss improvement below this over a window is flat (seed 001's "flat loss").
+    plateau_improvement: float = 0.01
+    #: Once the loss fell by this much since the first window, a flat window is convergence.
+    plateau_learned: float = 0.10
+    #: Output spread across the batch (std over RMS) below this: the outputs are identical.
+    #: Healthy networks show 0.1-1; seed 003's collapsed ones show exactly 0.
+    identical_spread: float = 1e-3
+    #: Earliest/latest layer gradient-norm ratio below this: gradients vanish with depth.
+    vanishing_ratio: float = 1e-3
+    #: ... above this, or a layer's gradient norm growing this much across windows: exploding.
+    exploding_ratio: float = 1e3
+    #: "Several times" off the He value (seed 003). PyTorch's default Linear/Conv init is
+    #: 0.41x He and must not be flagged.
+    init_scale_off: float = 4.0
+    #: Pre-activation scale changing this much from the first to the last activation layer
+    #: at the start: the initialisation shrinks or blows up the signal through depth.
+    depth_signal_change: float = 100.0
+    #: Activation layers in one stack from which "deep" applies (seed 003, E5).
+    deep_layers: int = 6
+    #: Share of a layer's dead units that a negative bias holds below 0 to name the bias.
+    negative_bias_share: float = 0.5
+    #: Largest per-step update-to-weight ratio taken as "large": healthy SGD/Adam runs stay
+    #: near 1e-3-1e-2 (Karpathy's rule of thumb 1e-3); seed 003's lr=10 gives > 1.
+    high_update_ratio: float = 0.5
+    #: A step loss this many times the window's median is a spike.
+    loss_spike: float = 10.0
+    #: Dead fraction this much above the first batch's (which over-counts: a unit silent
+    #: on one batch may fire on the next) means units died during training.
+    died_during_training: float = 0.10
+    #: Input features negative in >= 99% of samples, as a share of features, that makes the
+    #: inputs "mostly negative" (seed 001: all of them).
+    negative_inputs_share: float = 0.5
+    #: |input mean| above this many input stds: not centred.
+    off_centre: float = 3.0
+
+
+@dataclass(frozen=True)
+class Unjudged:
+    """A rule that could not decide, and why."""
+
+    code: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
 class Observations:
-    """What the rules see: the layer summaries, the window history and model facts."""
+    """What the rules see: the layer summaries, the window history and the facts."""
 
     layers: list[LayerReport]
     windows: list[Window]
-    facts: dict[str, Any] = field(default_factory=dict)
+    facts: ModelFacts = field(default_factory=ModelFacts)
 
 
-Rule = Callable[[Observations, Thresholds], list[Finding]]
+@dataclass(frozen=True)
+class Diagnosis:
+    findings: list[Finding]
+    unjudged: list[Unjudged]
 
 
-def dead_units(obs: Observations, thresholds: Thresholds) -> list[Finding]:
+Result = list[Finding | Unjudged]
+Rule = Callable[[Observations, Thresholds], Result]
+
+#: Remedies per cause, best first for that cause.
+CAUSE_REMEDIES: dict[str, tuple[str, ...]] = {
+    "zero_init": ("kaiming_init", "revive_units"),
+    "poor_init_scale": ("kaiming_init", "batch_norm", "selu"),
+    "negative_bias": ("kaiming_init", "revive_units", "leaky_relu", "batch_norm"),
+    "high_learning_rate": ("lower_learning_rate", "adaptive_optimizer", "revive_units"),
+    "unnormalized_inputs": ("normalize_inputs", "batch_norm", "selu", "leaky_relu"),
+    "deep_without_normalization": ("batch_norm", "skip_connections", "kaiming_init", "selu"),
+}
+#: Remedies for a symptom when no cause is known.
+SYMPTOM_REMEDIES: dict[str, tuple[str, ...]] = {
+    "dead_units": ("revive_units", "leaky_relu", "kaiming_init", "lower_learning_rate"),
+    "dying_units": ("lower_learning_rate", "revive_units", "leaky_relu"),
+    "loss_plateau": ("revive_units", "leaky_relu", "kaiming_init"),
+    "identical_outputs": ("kaiming_init", "lower_learning_rate", "leaky_relu"),
+    "vanishing_gradients": ("batch_norm", "skip_connections", "kaiming_init"),
+    "exploding_gradients": ("lower_learning_rate", "batch_norm", "kaiming_init"),
+}
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _span(windows: Sequence[Window]) -> list[int] | None:
+    return [windows[0].start_step, windows[-1].end_step] if windows else None
+
+
+def _complete_or_all(windows: Sequence[Window]) -> list[Window]:
+    complete = [w for w in windows if w.complete]
+    return complete or list(windows)
+
+
+def _ordered_layers(obs: Observations) -> list[LayerReport]:
+    return list(obs.layers)  # the order the forward first ran them: input side first
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _symptom(
+    code: str, severity: str, layer: str | None, message: str, evidence: dict[str, Any]
+) -> Finding:
+    return Finding("symptom", code, severity, layer, message, evidence, SYMPTOM_REMEDIES[code])  # type: ignore[arg-type]
+
+
+def _cause(code: str, layer: str | None, message: str, evidence: dict[str, Any]) -> Finding:
+    return Finding("cause", code, "error", layer, message, evidence, CAUSE_REMEDIES[code])
+
+
+def _first_layer_with_dead(obs: Observations, minimum: float = 0.0) -> LayerReport | None:
+    for layer in _ordered_layers(obs):
+        if layer.dead and layer.dead_fraction >= minimum:
+            return layer
+    return None
+
+
+# -- symptoms ----------------------------------------------------------------------------------
+
+
+def dead_units(obs: Observations, t: Thresholds) -> Result:
     """One finding per layer with units that never fired over the report's final span."""
-    findings = []
+    findings: Result = []
     for layer in obs.layers:
         if not layer.dead:
             continue
-        severity = "error" if layer.dead_fraction >= thresholds.dead_error_fraction else "warning"
+        severity = "error" if layer.dead_fraction >= t.dead_error_fraction else "warning"
         evidence: dict[str, Any] = {
             "dead": layer.dead,
             "units": layer.units,
             "dead_fraction": round(layer.dead_fraction, 4),
             "dead_units": layer.dead_units[:EVIDENCE_UNITS],
             "samples": layer.samples,
+            "steps": _span(obs.windows),
         }
         if layer.max_preactivation is not None:
             margins = [layer.max_preactivation[u] for u in layer.dead_units]
             finite = [m for m in margins if m is not None]
             if finite:
                 evidence["highest_dead_preactivation"] = max(finite)
-        if obs.windows:
-            evidence["steps"] = [obs.windows[0].start_step, obs.windows[-1].end_step]
+        if layer.zero_grad_units is not None:
+            evidence["zero_gradient_units"] = len(layer.zero_grad_units)
         message = (
             f"{layer.dead} of {layer.units} units ({layer.dead_fraction:.0%}) in {layer.name} "
             f"never had a positive pre-activation over {layer.samples} samples"
         )
+        if layer.zero_grad_units:
+            message += f"; {len(layer.zero_grad_units)} got exactly zero gradient"
         if severity == "error":
-            message += f"; at {thresholds.dead_error_fraction:.0%} or more, training suffers"
+            message += f"; at {t.dead_error_fraction:.0%} or more, training suffers"
+        findings.append(_symptom("dead_units", severity, layer.name, message, evidence))
+    return findings
+
+
+def dying_units(obs: Observations, t: Thresholds) -> Result:
+    """A layer's dead fraction rising window over window."""
+    windows = [w for w in obs.windows if w.complete]
+    if len(windows) < 2:
+        return [Unjudged("dying_units", "fewer than two complete windows to compare")]
+    findings: Result = []
+    for index, name in enumerate(wl.name for wl in windows[-1].layers):
+        series = [w.layers[index].dead_fraction for w in windows if index < len(w.layers)]
+        recent = series[-3:]
+        rise = recent[-1] - min(recent)
+        rising = all(b >= a - 1e-9 for a, b in itertools.pairwise(recent))
+        if rise >= t.dying_rise and rising and recent[-1] > recent[0]:
+            severity = "error" if recent[-1] >= t.dead_error_fraction else "warning"
+            first = len(windows) - len(recent)
+            findings.append(
+                _symptom(
+                    "dying_units",
+                    severity,
+                    name,
+                    f"units in {name} are dying: dead fraction rose from {recent[0]:.0%} to "
+                    f"{recent[-1]:.0%} over the last {len(recent)} windows",
+                    {
+                        "dead_fraction_by_window": [round(v, 4) for v in series],
+                        "windows": [first, len(windows) - 1],
+                        "steps": [windows[first].start_step, windows[-1].end_step],
+                    },
+                )
+            )
+    return findings
+
+
+def loss_plateau(obs: Observations, t: Thresholds) -> Result:
+    """The loss stopped improving over the last window without ever having improved."""
+    windows = [w for w in obs.windows if w.loss_curve]
+    if not windows:
+        reason = "no finite losses recorded (pass loss= to doc.step)"
+        if any(w.loss_nonfinite for w in obs.windows):
+            reason = "the losses are NaN or infinite"
+        return [Unjudged("loss_plateau", reason)]
+    last = windows[-1]
+    curve = last.loss_curve
+    if len(curve) < 4:
+        return [Unjudged("loss_plateau", "the last window has too few steps to judge a trend")]
+    half = len(curve) // 2
+    early, late = curve[:half], curve[half:]
+    scale = max(abs(statistics.fmean(early)), 1e-12)
+    improvement = (statistics.fmean(early) - statistics.fmean(late)) / scale
+    noise = statistics.pstdev(curve) / math.sqrt(half) / scale
+    start = windows[0].loss_curve[0]
+    overall = (start - statistics.fmean(late)) / max(abs(start), 1e-12)
+    if statistics.fmean(late) <= 1e-8 * max(abs(start), 1.0):
+        return []  # the loss reached ~0: converged
+    flat = improvement < max(t.plateau_improvement, 2 * noise)
+    if not flat or overall >= t.plateau_learned:
+        return []
+    return [
+        _symptom(
+            "loss_plateau",
+            "warning",
+            None,
+            f"the loss is flat: {improvement:+.2%} over the last window and "
+            f"{overall:+.2%} since the first step, near {statistics.fmean(late):.4g}",
+            {
+                "improvement_last_window": round(improvement, 5),
+                "improvement_since_start": round(overall, 5),
+                "loss_start": start,
+                "loss_now": statistics.fmean(late),
+                "steps": [last.start_step, last.end_step],
+            },
+        )
+    ]
+
+
+def identical_outputs(obs: Observations, t: Thresholds) -> Result:
+    """The network gives (nearly) the same output whatever the input."""
+    measured = [w for w in obs.windows if w.output_spread is not None]
+    if not measured:
+        return [Unjudged("identical_outputs", "no sampled forward with a batch of 2 or more")]
+    last = measured[-1]
+    if last.output_spread >= t.identical_spread:  # type: ignore[operator]
+        return []
+    return [
+        _symptom(
+            "identical_outputs",
+            "error",
+            None,
+            f"the network's outputs are nearly identical across inputs (spread "
+            f"{last.output_spread:.2g} of their size): it no longer depends on its input",
+            {"output_spread": last.output_spread, "steps": [last.start_step, last.end_step]},
+        )
+    ]
+
+
+def _grad_windows(obs: Observations) -> list[Window]:
+    """The windows in which some layer's gradient was measured."""
+    return [w for w in obs.windows if any(wl.grad_norm is not None for wl in w.layers)]
+
+
+def vanishing_gradients(obs: Observations, t: Thresholds) -> Result:
+    """Gradients reaching the earliest layer are a tiny fraction of the latest layer's."""
+    windows = _grad_windows(obs)
+    if not windows:
+        return [Unjudged("vanishing_gradients", "no gradient was measured (no backward seen)")]
+    norms = [(wl.name, wl.grad_norm) for wl in windows[-1].layers if wl.grad_norm is not None]
+    if len(norms) < 2:
+        return [Unjudged("vanishing_gradients", "fewer than two layers with gradients")]
+    (first_name, first), (last_name, last) = norms[0], norms[-1]
+    if last <= 0 or first / last >= t.vanishing_ratio:
+        return []
+    return [
+        _symptom(
+            "vanishing_gradients",
+            "warning",
+            first_name,
+            f"gradients vanish towards the input: {first_name} gets {first:.2g}, "
+            f"{first / last:.1e} of what {last_name} gets ({last:.2g})",
+            {
+                "grad_norms": {name: norm for name, norm in norms},
+                "ratio": first / last,
+                "steps": [windows[-1].start_step, windows[-1].end_step],
+            },
+        )
+    ]
+
+
+def exploding_gradients(obs: Observations, t: Thresholds) -> Result:
+    """Gradient norms non-finite, growing fast across windows, or blowing up towards the input."""
+    windows = _grad_windows(obs)
+    nonfinite = [w for w in obs.windows if w.loss_nonfinite]
+    if not windows and not nonfinite:
+        return [Unjudged("exploding_gradients", "no gradient was measured (no backward seen)")]
+    evidence: dict[str, Any] = {}
+    layer = None
+    if windows:
+        last = windows[-1]
+        norms = [(wl.name, wl.grad_norm) for wl in last.layers if wl.grad_norm is not None]
+        if len(norms) >= 2 and norms[-1][1] > 0 and norms[0][1] / norms[-1][1] > t.exploding_ratio:
+            layer = norms[0][0]
+            evidence["ratio_first_to_last"] = norms[0][1] / norms[-1][1]
+        first = windows[0]
+        for index, wl in enumerate(last.layers):
+            start = first.layers[index].grad_norm if index < len(first.layers) else None
+            if start and wl.grad_norm and wl.grad_norm / start > t.exploding_ratio:
+                layer = layer or wl.name
+                evidence.setdefault("growth", {})[wl.name] = wl.grad_norm / start
+    if nonfinite:
+        evidence["nonfinite_loss_windows"] = [w.index for w in nonfinite]
+    if not evidence:
+        return []
+    return [
+        _symptom(
+            "exploding_gradients",
+            "error",
+            layer,
+            "gradients explode: "
+            + "; ".join(
+                f"{k.replace('_', ' ')} {v if not isinstance(v, float) else f'{v:.2g}'}"
+                for k, v in evidence.items()
+            ),
+            {**evidence, "steps": _span(obs.windows)},
+        )
+    ]
+
+
+# -- causes ------------------------------------------------------------------------------------
+
+
+def zero_init(obs: Observations, t: Thresholds) -> Result:
+    """A layer started with all-zero or constant weights: its units cannot differ."""
+    if not obs.facts.layers:
+        return [Unjudged("zero_init", "no Linear or Conv layer to read weights from")]
+    findings: Result = []
+    for layer in obs.facts.layers:
+        if layer.constant and layer.fan_in * layer.out_features > 1:
+            what = "all zero" if layer.all_zero else f"all equal to {layer.weight_mean:.3g}"
+            findings.append(
+                _cause(
+                    "zero_init",
+                    layer.name,
+                    f"{layer.name} started with weights {what}: every unit computes the same "
+                    "thing, and with zeros no input can move its pre-activation above 0",
+                    {"weight_std": layer.weight_std, "weight_mean": layer.weight_mean},
+                )
+            )
+    return findings
+
+
+def _activation_of(obs: Observations, module: str) -> LayerReport | None:
+    for layer in obs.layers:
+        if layer.producer == module:
+            return layer
+    return None
+
+
+def poor_init_scale(obs: Observations, t: Thresholds) -> Result:
+    """Weights several times off the He scale, or a start that shrinks/blows up the signal."""
+    if not obs.facts.layers:
+        return [Unjudged("poor_init_scale", "no Linear or Conv layer to read weights from")]
+    findings: Result = []
+    ratios = {}
+    for facts in obs.facts.layers:
+        activation = _activation_of(obs, facts.name)
+        if activation is None or facts.constant:
+            continue
+        ratio = facts.he_ratio(activation.kind)
+        if ratio is None:
+            continue
+        ratios[facts.name] = ratio
+        if ratio > t.init_scale_off or ratio < 1 / t.init_scale_off:
+            findings.append(
+                _cause(
+                    "poor_init_scale",
+                    facts.name,
+                    f"{facts.name} started with weights {ratio:.2g}x the He scale "
+                    f"(std {facts.weight_std:.3g} against {facts.weight_std / ratio:.3g})",
+                    {"he_ratio": ratio, "weight_std": facts.weight_std, "fan_in": facts.fan_in},
+                )
+            )
+    stds = [lay.start_preact_std for lay in obs.layers if lay.start_preact_std]
+    if len(stds) >= 3 and not findings:
+        change = stds[-1] / stds[0]
+        if change < 1 / t.depth_signal_change or change > t.depth_signal_change:
+            direction = "shrinks" if change < 1 else "grows"
+            findings.append(
+                _cause(
+                    "poor_init_scale",
+                    None,
+                    f"at the start the signal {direction} {max(change, 1 / change):.3g}x from "
+                    f"the first to the last of {len(stds)} activation layers: the weights' "
+                    "scale does not preserve it",
+                    {
+                        "preactivation_std_first": stds[0],
+                        "preactivation_std_last": stds[-1],
+                        "he_ratio": {k: round(v, 3) for k, v in ratios.items()},
+                    },
+                )
+            )
+    return findings
+
+
+def negative_bias(obs: Observations, t: Thresholds) -> Result:
+    """Dead units whose input term did reach above 0, held below it by their bias."""
+    findings: Result = []
+    judged = False
+    for layer in obs.layers:
+        if layer.bias_held_units is None:
+            continue
+        judged = True
+        held = layer.bias_held_units
+        if not layer.dead or len(held) < t.negative_bias_share * layer.dead or not held:
+            continue
         findings.append(
-            Finding(
-                kind="symptom",
-                code="dead_units",
-                severity=severity,
-                layer=layer.name,
-                message=message,
-                evidence=evidence,
-                remedies=("revive_units", "kaiming_init", "leaky_relu", "lower_learning_rate"),
+            _cause(
+                "negative_bias",
+                layer.name,
+                f"{len(held)} of the {layer.dead} dead units of {layer.name} are held below 0 "
+                "by a negative bias: without it their input term did reach above 0",
+                {"held_units": held[:EVIDENCE_UNITS], "held": len(held), "dead": layer.dead},
             )
         )
+    if not judged:
+        return [Unjudged("negative_bias", "no activation is fed directly by a layer with bias")]
     return findings
 
 
-RULES: tuple[Rule, ...] = (dead_units,)
+def high_learning_rate(obs: Observations, t: Thresholds) -> Result:
+    """Units alive at the start died, in windows with large updates or loss spikes."""
+    died = [
+        lay
+        for lay in obs.layers
+        if lay.start_dead_fraction is not None
+        and lay.dead_fraction - lay.start_dead_fraction >= t.died_during_training
+    ]
+    windows = obs.windows
+    ratios = [
+        (w, wl.name, wl.update_ratio)
+        for w in windows
+        for wl in w.layers
+        if wl.update_ratio is not None
+    ]
+    spikes = [
+        w
+        for w in windows
+        if w.loss_nonfinite
+        or (w.loss_max and w.loss_curve and w.loss_max > t.loss_spike * _median(w.loss_curve))
+    ]
+    if not ratios and not spikes:
+        return [
+            Unjudged(
+                "high_learning_rate",
+                "no update size was measured (no optimizer step between sampled steps)",
+            )
+        ]
+    if not died:
+        return []
+    large = [(w, name, r) for w, name, r in ratios if r >= t.high_update_ratio]
+    if not large and not spikes:
+        return []
+    evidence: dict[str, Any] = {
+        "died": {lay.name: [lay.start_dead_fraction, round(lay.dead_fraction, 4)] for lay in died}
+    }
+    if large:
+        w, name, r = max(large, key=lambda item: item[2])
+        evidence.update(largest_update_ratio=r, layer_of_largest=name, window=w.index)
+    if spikes:
+        evidence["loss_spike_windows"] = [w.index for w in spikes]
+    rates = obs.facts.optimizer.learning_rates if obs.facts.optimizer else None
+    if rates:
+        evidence["learning_rates"] = rates
+    worst = max(died, key=lambda lay: lay.dead_fraction - (lay.start_dead_fraction or 0))
+    update = (
+        f"updates reached {evidence['largest_update_ratio']:.2g}x the weights' size in one step"
+        if large
+        else "the loss spiked"
+    )
+    return [
+        _cause(
+            "high_learning_rate",
+            worst.name,
+            f"units died during training ({worst.name}: {worst.start_dead_fraction:.0%} dead "
+            f"on the first batch, {worst.dead_fraction:.0%} now) and {update}: the learning "
+            "rate throws units into the negative region",
+            evidence,
+        )
+    ]
 
 
-def run_rules(obs: Observations, thresholds: Thresholds | None = None) -> list[Finding]:
-    """Apply every rule; the findings come back in rule order."""
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def unnormalized_inputs(obs: Observations, t: Thresholds) -> Result:
+    """Inputs mostly negative or far off centre, and the first layer's units dead."""
+    inputs = obs.facts.inputs
+    if inputs is None:
+        return [Unjudged("unnormalized_inputs", "no floating input batch was seen")]
+    negative = inputs.mostly_negative_features >= t.negative_inputs_share
+    off_centre = abs(inputs.mean) > t.off_centre * max(inputs.std, 1e-12)
+    if not (negative or off_centre):
+        return []
+    layers = _ordered_layers(obs)
+    first = layers[0] if layers else None
+    if first is None or not first.dead:
+        return []
+    what = (
+        f"{inputs.mostly_negative_features:.0%} of input features are negative in 99% of samples"
+        if negative
+        else f"the inputs' mean {inputs.mean:.3g} is {abs(inputs.mean) / inputs.std:.1f} stds "
+        "from 0"
+    )
+    return [
+        _cause(
+            "unnormalized_inputs",
+            first.name,
+            f"{what}, and {first.dead_fraction:.0%} of {first.name}'s units, the first to see "
+            "them, are dead",
+            {
+                "input_mean": inputs.mean,
+                "input_std": inputs.std,
+                "negative_share": inputs.negative_share,
+                "mostly_negative_features": inputs.mostly_negative_features,
+                "first_layer_dead_fraction": round(first.dead_fraction, 4),
+            },
+        )
+    ]
+
+
+def deep_without_normalization(obs: Observations, t: Thresholds) -> Result:
+    """A deep plain activation stack, no normalisation or skip path, with damage to show."""
+    depth = len(obs.layers)
+    facts = obs.facts
+    if depth < t.deep_layers or facts.norm_layers:
+        return []
+    if facts.residual_adds is None:
+        return [
+            Unjudged("deep_without_normalization", "whether the model has skip paths is unknown")
+        ]
+    if facts.residual_adds:
+        return []
+    damage: dict[str, Any] = {}
+    windows = _grad_windows(obs)
+    if windows:
+        norms = [wl.grad_norm for wl in windows[-1].layers if wl.grad_norm is not None]
+        if len(norms) >= 2 and norms[-1] > 0:
+            ratio = norms[0] / norms[-1]
+            if ratio < t.vanishing_ratio or ratio > t.exploding_ratio:
+                damage["grad_norm_ratio_first_to_last"] = ratio
+    deep_half = obs.layers[depth // 2 :]
+    worst = max(deep_half, key=lambda lay: lay.dead_fraction)
+    if worst.dead_fraction >= t.dead_error_fraction:
+        damage["deep_layer_dead_fraction"] = {worst.name: round(worst.dead_fraction, 4)}
+    stds = [lay.start_preact_std for lay in obs.layers if lay.start_preact_std]
+    if len(stds) >= 2:
+        change = stds[-1] / stds[0]
+        if change < 1 / t.depth_signal_change or change > t.depth_signal_change:
+            damage["signal_change_through_depth"] = change
+    if not damage:
+        return []
+    return [
+        _cause(
+            "deep_without_normalization",
+            None,
+            f"{depth} activation layers in a plain stack with no normalisation layer and no "
+            "skip path, and the depth shows: " + ", ".join(k.replace("_", " ") for k in damage),
+            {"activation_layers": depth, **damage},
+        )
+    ]
+
+
+RULES: tuple[Rule, ...] = (
+    dead_units,
+    dying_units,
+    loss_plateau,
+    identical_outputs,
+    vanishing_gradients,
+    exploding_gradients,
+    zero_init,
+    poor_init_scale,
+    negative_bias,
+    high_learning_rate,
+    unnormalized_inputs,
+    deep_without_normalization,
+)
+
+
+#: Rules that read the window history only: cheap enough to run at every window's end.
+LIVE_RULES: tuple[Rule, ...] = (
+    dying_units,
+    loss_plateau,
+    identical_outputs,
+    vanishing_gradients,
+    exploding_gradients,
+)
+
+
+def run_rules(
+    obs: Observations, thresholds: Thresholds | None = None, rules: Sequence[Rule] = RULES
+) -> Diagnosis:
+    """Apply the rules; symptoms' remedies are re-ranked by the causes found.
+
+    A rule that raises is reported as unjudged rather than breaking the report.
+    """
     thresholds = thresholds or Thresholds()
     findings: list[Finding] = []
-    for rule in RULES:
-        findings.extend(rule(obs, thresholds))
-    return findings
+    unjudged: list[Unjudged] = []
+    for rule in rules:
+        try:
+            results = rule(obs, thresholds)
+        except (ArithmeticError, ValueError, TypeError, IndexError) as error:
+            unjudged.append(Unjudged(rule.__name__, f"could not be evaluated: {error}"))
+            continue
+        for result in results:
+            (unjudged if isinstance(result, Unjudged) else findings).append(result)
+    return Diagnosis(_rank_remedies(_grade_causes(findings)), unjudged)
+
+
+def _grade_causes(findings: list[Finding]) -> list[Finding]:
+    """A cause is as severe as the worst symptom it can explain (same layer, or run-wide)."""
+    graded = []
+    for finding in findings:
+        if finding.kind == "cause":
+            related = [
+                f
+                for f in findings
+                if f.kind == "symptom"
+                and (f.layer is None or finding.layer is None or f.layer == finding.layer)
+            ]
+            severity = "error" if any(f.severity == "error" for f in related) else "warning"
+            finding = replace(finding, severity=severity)
+        graded.append(finding)
+    return graded
+
+
+def _rank_remedies(findings: list[Finding]) -> list[Finding]:
+    """Put the remedies of the causes found first in every symptom's list."""
+    cause_remedies: list[str] = []
+    for finding in findings:
+        if finding.kind == "cause":
+            cause_remedies += [r for r in finding.remedies if r not in cause_remedies]
+    if not cause_remedies:
+        return findings
+    ranked = []
+    for finding in findings:
+        if finding.kind == "symptom":
+            own = [r for r in finding.remedies if r not in cause_remedies]
+            finding = replace(finding, remedies=(*cause_remedies, *own))
+        ranked.append(finding)
+    return ranked

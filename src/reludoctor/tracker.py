@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reludoctor.facts import InputStats
 from reludoctor.probes import Sink, Site
 from reludoctor.report.model import LayerReport, Window, WindowLayer
 
@@ -29,6 +30,11 @@ NON_NEGATIVE = frozenset({"relu", "relu6"})
 #: values: the temporaries they need then stay small (fresh multi-megabyte temporaries cost
 #: more in page faults than the arithmetic), and a rate needs no more.
 SAMPLED_ELEMENTS = 1 << 18
+#: The update-to-weight ratio is measured on a weight's first rows (a copy of at most this
+#: many rows lives from the backward pass to ``doc.step`` on sampled steps).
+UPDATE_ROWS = 256
+#: A window's loss curve keeps at most this many points (means of equal runs of steps).
+LOSS_POINTS = 16
 #: Layers wider than this keep summaries but no per-unit lists in the report.
 UNIT_DETAIL_LIMIT = 65_536
 
@@ -52,9 +58,16 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("grad_row_max", True, torch.float32, 0.0, "max"),  # largest row norm seen
     Counter("grad_row_sq", True, torch.float32, 0.0, "sum"),  # sum of squared row norms
     Counter("grad_sq", False, torch.float32, 0.0, "sum"),  # for weights without unit rows
+    Counter("update_ratio", False, torch.float32, 0.0, "max"),  # |W' - W| / |W| per step
 )
 #: Host-side integers: shapes are known on the host, so counting them needs no sync.
-HOST_COUNTERS = ("positions", "sampled_positions", "grad_samples", "grad_row_samples")
+HOST_COUNTERS = (
+    "positions",
+    "sampled_positions",
+    "grad_samples",
+    "grad_row_samples",
+    "update_samples",
+)
 
 Snapshot = dict[str, Any]
 
@@ -93,6 +106,8 @@ class LayerState:
         self.reset_host()
         self.last: Snapshot | None = None
         self.warned_shape = False
+        self.saved_rows: torch.Tensor | None = None  # weight rows before the optimizer step
+        self.start = _start_stats(self, x)
 
     def to(self, device: torch.device) -> None:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
@@ -103,12 +118,14 @@ class LayerState:
         self.grad_row_max = self.tensors["grad_row_max"]
         self.grad_row_sq = self.tensors["grad_row_sq"]
         self.grad_sq = self.tensors["grad_sq"]
+        self.update_ratio = self.tensors["update_ratio"]
 
     def reset_host(self) -> None:
         self.positions = 0
         self.sampled_positions = 0
         self.grad_samples = 0
         self.grad_row_samples = 0
+        self.update_samples = 0
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether ``x`` has this layer's shape (moving the counters to its device)."""
@@ -148,6 +165,15 @@ class LayerState:
             self.tensors[counter.name].fill_(counter.initial)
         self.pending.clear()
         self.reset_host()
+
+
+def _start_stats(layer: LayerState, x: torch.Tensor) -> dict[str, float]:
+    """The layer's first batch: share of units that did not fire, pre-activation mean/std."""
+    with torch.no_grad():
+        x = x.detach().float()
+        never = (_per_unit_max(layer, x) <= 0).float().mean()
+        stats = torch.stack([never, x.mean(), x.std(unbiased=False)]).cpu().tolist()
+    return dict(zip(("dead_fraction", "preact_mean", "preact_std"), stats, strict=True))
 
 
 def _leading_samples(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
@@ -216,6 +242,11 @@ class Tracker(Sink):
         self.windows: list[Window] = []
         self.sampling = True
         self.on_window: list[Callable[[Window], None]] = []
+        self.learning_rate: Callable[[], float | None] = lambda: None
+        self.inputs = InputStats()
+        self._saved: list[LayerState] = []
+        self._output_spread: torch.Tensor | None = None
+        self._output_samples = 0
         self._reset_loss()
 
     # -- Sink -----------------------------------------------------------------------------
@@ -263,6 +294,31 @@ class Tracker(Sink):
             # A non-finite output makes its unit's sum non-finite: that is how they are counted.
             layer.abs_sum += _per_unit_sum(layer, head.abs())
 
+    def wants_model_input(self) -> bool:
+        return self.inputs.wanted
+
+    def observe_model_input(self, x: Any) -> None:
+        self.inputs.add(x)
+
+    def observe_model_output(self, out: Any) -> None:
+        """Spread of the outputs across the batch, relative to their size (identical: ~0)."""
+        if isinstance(out, (tuple, list)):
+            out = next((o for o in out if isinstance(o, torch.Tensor)), None)
+        elif isinstance(out, dict):
+            out = next((o for o in out.values() if isinstance(o, torch.Tensor)), None)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 1:
+            return
+        if out.shape[0] < 2 or out.numel() == 0:
+            return
+        with torch.no_grad():
+            o = out.detach().float().reshape(out.shape[0], -1)
+            spread = o.std(0, unbiased=False).mean() / (o.square().mean().sqrt() + 1e-12)
+            if self._output_spread is None or self._output_spread.device != spread.device:
+                self._output_spread = torch.zeros((), device=spread.device)
+                self._output_samples = 0
+            self._output_spread += spread
+        self._output_samples += 1
+
     # -- gradients: hooks armed only for sampled steps ------------------------------------
     def _arm(self, layer: LayerState) -> None:
         weight = layer.site.weight
@@ -282,6 +338,9 @@ class Tracker(Sink):
                 return
             grad = grad.detach()
             layer.grad_samples += 1
+            if layer.saved_rows is None:  # the optimizer has not stepped yet: keep W's rows
+                layer.saved_rows = param.detach()[:UPDATE_ROWS].clone()
+                self._saved.append(layer)
             if grad.dim() >= 2 and grad.shape[0] == layer.units:
                 # One pass over the gradient: per-unit row norms give both statistics.
                 rows = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float32)
@@ -314,6 +373,8 @@ class Tracker(Sink):
         if loss is not None:
             self.record_loss(loss)
         self.steps = steps = self.steps + 1
+        if self._saved:
+            self._measure_updates()
         if self._armed:
             self.disarm()
         self.sampling = sampling = steps % self.sample_every == 0
@@ -324,9 +385,25 @@ class Tracker(Sink):
             return self.close_window()
         return None
 
-    def _loss_summary(self) -> tuple[float | None, float | None, float | None]:
+    def _measure_updates(self) -> None:
+        """Update-to-weight ratio of the step that just ended (device work, no sync)."""
+        for layer in self._saved:
+            before, layer.saved_rows = layer.saved_rows, None
+            weight = layer.site.weight
+            if weight is None or before is None or weight.device != layer.device:
+                continue
+            with torch.no_grad():
+                after = weight.detach()[:UPDATE_ROWS]
+                ratio = torch.linalg.vector_norm(after - before, dtype=torch.float32) / (
+                    torch.linalg.vector_norm(before, dtype=torch.float32) + 1e-12
+                )
+                torch.maximum(layer.update_ratio, ratio, out=layer.update_ratio)
+            layer.update_samples += 1
+        self._saved.clear()
+
+    def _loss_summary(self) -> dict[str, Any]:
         if not self._losses:
-            return None, None, None
+            return {}
         tensors = [v for v in self._losses if isinstance(v, torch.Tensor)]
         if len(tensors) == len(self._losses) and len({t.device for t in tensors}) == 1:
             flat = [t.reshape(()) if t.dim() else t for t in tensors]  # one element each
@@ -334,11 +411,20 @@ class Tracker(Sink):
         else:
             values = np.array([float(v) for v in self._losses])
         if not np.isfinite(values).all():
-            return None, _finite(values[-1]), None
-        return float(values.mean()), float(values[-1]), float(values.max())
+            return {"loss_last": _finite(values[-1]), "loss_nonfinite": True}
+        chunks = np.array_split(values, min(LOSS_POINTS, len(values)))
+        return {
+            "loss_mean": float(values.mean()),
+            "loss_last": float(values[-1]),
+            "loss_max": float(values.max()),
+            "loss_min": float(values.min()),
+            "loss_curve": [float(c.mean()) for c in chunks],
+        }
 
     def _window(self, snapshots: list[Snapshot], complete: bool) -> Window:
-        loss_mean, loss_last, loss_max = self._loss_summary()
+        spread = None
+        if self._output_spread is not None and self._output_samples:
+            spread = _finite(float(self._output_spread) / self._output_samples)
         return Window(
             index=len(self.windows),
             start_step=self.window_start,
@@ -347,9 +433,9 @@ class Tracker(Sink):
             layers=[
                 self._window_layer(lay, s) for lay, s in zip(self.layers, snapshots, strict=True)
             ],
-            loss_mean=loss_mean,
-            loss_last=loss_last,
-            loss_max=loss_max,
+            output_spread=spread,
+            learning_rate=self.learning_rate(),
+            **self._loss_summary(),
         )
 
     def close_window(self) -> Window:
@@ -361,6 +447,9 @@ class Tracker(Sink):
         self.windows.append(window)
         self.window_start = self.steps
         self._reset_loss()
+        if self._output_spread is not None:
+            self._output_spread.zero_()
+            self._output_samples = 0
         for callback in self.on_window:
             callback(window)
         return window
@@ -387,6 +476,7 @@ class Tracker(Sink):
             grad_norm=stats["grad_norm"],
             zero_grad_units=None if stats["zero_grad"] is None else int(stats["zero_grad"].sum()),
             nonfinite_units=int(stats["nonfinite"].sum()),
+            update_ratio=stats["update_ratio"],
         )
 
     def layer_reports(self, open_snapshots: list[Snapshot]) -> list[LayerReport]:
@@ -423,6 +513,11 @@ class Tracker(Sink):
                     if zero_grad is None
                     else np.flatnonzero(zero_grad).tolist(),
                     nonfinite_units=int(stats["nonfinite"].sum()),
+                    update_ratio=stats["update_ratio"],
+                    start_dead_fraction=layer.start["dead_fraction"],
+                    start_preact_mean=_finite(layer.start["preact_mean"]),
+                    start_preact_std=_finite(layer.start["preact_std"]),
+                    bias_held_units=_bias_held(site.bias, snap["max_pre"], stats["dead"]),
                 )
             )
         return reports
@@ -445,6 +540,7 @@ def _unit_stats(snap: Snapshot, dormancy_threshold: float) -> dict[str, Any]:
         else:
             dormancy = np.zeros_like(mean_abs)
         dormant = dormancy <= dormancy_threshold
+    update_ratio = _finite(float(snap["update_ratio"])) if snap["update_samples"] else None
     grad_norm = zero_grad = None
     if snap["grad_samples"]:
         total_sq = float(snap["grad_sq"]) + float(snap["grad_row_sq"].sum(dtype=np.float64))
@@ -463,7 +559,23 @@ def _unit_stats(snap: Snapshot, dormancy_threshold: float) -> dict[str, Any]:
         "dormant": dormant,
         "grad_norm": grad_norm,
         "zero_grad": zero_grad,
+        "update_ratio": update_ratio,
     }
+
+
+def _bias_held(
+    bias: torch.Tensor | None, max_pre: np.ndarray, dead: np.ndarray
+) -> list[int] | None:
+    """Dead units held below 0 by a negative bias: without it, their input term reached > 0.
+
+    The pre-activation is ``w.x + b``, so its maximum minus ``b`` is the largest ``w.x``.
+    """
+    if bias is None or bias.shape != max_pre.shape:
+        return None
+    b = bias.detach().float().cpu().numpy()
+    with np.errstate(invalid="ignore"):  # NaN maxima are not held by anything
+        held = dead & (b < 0) & (max_pre - b > 0)
+    return np.flatnonzero(held).tolist()
 
 
 def _finite(value: float | None) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,11 @@ class LayerReport:
     grad_norm: float | None = None
     zero_grad_units: list[int] | None = None
     nonfinite_units: int = 0
+    update_ratio: float | None = None
+    start_dead_fraction: float | None = None
+    start_preact_mean: float | None = None
+    start_preact_std: float | None = None
+    bias_held_units: list[int] | None = None
 
     @property
     def alive(self) -> int:
@@ -69,6 +75,7 @@ class WindowLayer:
     grad_norm: float | None = None
     zero_grad_units: int | None = None
     nonfinite_units: int = 0
+    update_ratio: float | None = None
 
 
 @dataclass
@@ -83,6 +90,11 @@ class Window:
     loss_mean: float | None = None
     loss_last: float | None = None
     loss_max: float | None = None
+    loss_min: float | None = None
+    loss_curve: list[float] = field(default_factory=list)
+    loss_nonfinite: bool = False
+    output_spread: float | None = None
+    learning_rate: float | None = None
 
     @property
     def steps(self) -> int:
@@ -103,6 +115,10 @@ class Report:
     windows: list[Window]
     findings: list[Finding]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: What was read from the model, optimizer and inputs (:class:`reludoctor.facts.ModelFacts`).
+    facts: dict[str, Any] = field(default_factory=dict)
+    #: Rules that could not decide, and why: ``{"code": ..., "reason": ...}``.
+    unjudged: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -123,19 +139,39 @@ class Report:
         return ranked if n is None else ranked[:n]
 
     def sorted_findings(self) -> list[Finding]:
-        return sorted(self.findings, key=lambda f: (SEVERITY_ORDER[f.severity], f.layer or ""))
+        """Errors first; within a severity, causes before symptoms."""
+        return sorted(
+            self.findings,
+            key=lambda f: (SEVERITY_ORDER[f.severity], f.kind != "cause", f.layer or ""),
+        )
+
+    def causes(self) -> list[Finding]:
+        """The findings that name a cause."""
+        return [f for f in self.findings if f.kind == "cause"]
+
+    def remedies(self) -> list[str]:
+        """Remedy codes in the order the diagnosis ranks them for this run."""
+        ranked: list[str] = []
+        for finding in self.sorted_findings():
+            ranked += [r for r in finding.remedies if r not in ranked]
+        return ranked
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "meta": dict(self.meta),
-            "healthy": self.healthy,
-            "layers": [asdict(layer) for layer in self.layers],
-            "windows": [
-                {**asdict(w), "layers": [asdict(wl) for wl in w.layers]} for w in self.windows
-            ],
-            "findings": [f.to_dict() for f in self.findings],
-        }
+        """Plain data; NaN and infinities (JSON has none) become None."""
+        return _finite_only(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "meta": dict(self.meta),
+                "healthy": self.healthy,
+                "layers": [asdict(layer) for layer in self.layers],
+                "windows": [
+                    {**asdict(w), "layers": [asdict(wl) for wl in w.layers]} for w in self.windows
+                ],
+                "findings": [f.to_dict() for f in self.findings],
+                "facts": dict(self.facts),
+                "unjudged": [dict(u) for u in self.unjudged],
+            }
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -157,11 +193,14 @@ class Report:
                 ],
                 findings=[Finding.from_dict(f) for f in data["findings"]],
                 meta=dict(data.get("meta") or {}),
+                facts=dict(data.get("facts") or {}),
+                unjudged=[dict(u) for u in data.get("unjudged") or []],
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"corrupt reludoctor report: {error}") from error
 
     def to_json(self, indent: int | None = 2) -> str:
+        """JSON text; NaN and infinities (JSON has none) are written as null."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False, default=_json_default)
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
@@ -177,6 +216,16 @@ class Report:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
         return cls.from_dict(data)
+
+
+def _finite_only(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_only(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_only(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -1,0 +1,248 @@
+"""Facts about a model, its optimizer and its inputs, read once and cheaply.
+
+The rules weigh what the monitor saw against these: the initial weight scale of each layer
+against the He value, constant weights, bias signs, normalisation layers and residual
+additions, the optimizer and its learning rates, and statistics of the first input batches.
+Reading them syncs with the device a handful of times when watching starts, never per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Gain of each activation for He initialisation: std = gain / sqrt(fan_in) keeps the
+#: signal's scale through a layer (PyTorch's ``nn.init.calculate_gain``; ReLU: sqrt(2)).
+ACTIVATION_GAIN: dict[str, float] = {
+    "relu": math.sqrt(2.0),
+    "relu6": math.sqrt(2.0),
+    "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2)),
+    "prelu": math.sqrt(2.0 / (1 + 0.25**2)),
+    "rrelu": math.sqrt(2.0),
+    "elu": math.sqrt(2.0),
+    "celu": math.sqrt(2.0),
+    "selu": 1.0,  # SELU wants lecun_normal: std = 1 / sqrt(fan_in)
+    "gelu": math.sqrt(2.0),
+    "silu": math.sqrt(2.0),
+    "mish": math.sqrt(2.0),
+    "hardswish": math.sqrt(2.0),
+    "hardtanh": math.sqrt(2.0),
+}
+_NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),  # torch >= 2.4
+)
+#: How many of the first counted forwards contribute input statistics.
+INPUT_BATCHES = 4
+
+
+@dataclass
+class LayerFacts:
+    """A Linear or Conv layer's weights and bias when watching started."""
+
+    name: str
+    type: str
+    fan_in: int
+    out_features: int
+    weight_std: float
+    weight_mean: float
+    constant: bool  # every weight equal (all zero included)
+    all_zero: bool
+    bias_negative_share: float | None = None
+    bias_mean: float | None = None
+    bias_min: float | None = None
+
+    def he_ratio(self, activation: str = "relu") -> float | None:
+        """``weight_std`` over the He value ``gain / sqrt(fan_in)`` for ``activation``."""
+        if self.fan_in <= 0:
+            return None
+        he = ACTIVATION_GAIN.get(activation, math.sqrt(2.0)) / math.sqrt(self.fan_in)
+        return self.weight_std / he
+
+
+@dataclass
+class InputFacts:
+    """Statistics of the first input batches, per feature (last dim; channels for images)."""
+
+    batches: int
+    samples: int
+    features: int
+    mean: float
+    std: float
+    negative_share: float  # share of all input values that are < 0
+    mostly_negative_features: float  # share of features negative in >= 99% of samples
+    feature_mean_min: float
+    feature_mean_max: float
+    feature_std_min: float
+    feature_std_max: float
+
+
+@dataclass
+class OptimizerFacts:
+    """The optimizer's type and the learning rate of each parameter group."""
+
+    type: str
+    learning_rates: list[float]
+    groups: int
+    adaptive: bool
+
+
+@dataclass
+class ModelFacts:
+    """Everything the rules may know about the model besides what the monitor measured.
+
+    Example:
+        >>> import torch
+        >>> facts = read_model_facts(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+        >>> facts.layers[0].fan_in, facts.norm_layers
+        (4, 0)
+    """
+
+    layers: list[LayerFacts] = field(default_factory=list)
+    norm_layers: int = 0
+    residual_adds: int | None = None  # None until a forward has been seen
+    optimizer: OptimizerFacts | None = None
+    inputs: InputFacts | None = None
+
+    def layer(self, name: str | None) -> LayerFacts | None:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ModelFacts:
+        data = data or {}
+        optimizer = data.get("optimizer")
+        inputs = data.get("inputs")
+        return cls(
+            layers=[LayerFacts(**layer) for layer in data.get("layers") or []],
+            norm_layers=int(data.get("norm_layers") or 0),
+            residual_adds=data.get("residual_adds"),
+            optimizer=OptimizerFacts(**optimizer) if optimizer else None,
+            inputs=InputFacts(**inputs) if inputs else None,
+        )
+
+
+def read_model_facts(model: nn.Module) -> ModelFacts:
+    """Weight and bias statistics of every Linear/Conv layer, and the normalisation layers."""
+    layers = []
+    norm_layers = 0
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_LAYERS):
+            norm_layers += 1
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or weight.numel() == 0:
+            continue
+        layers.append(_layer_facts(name or type(model).__name__, module, weight))
+    return ModelFacts(layers=layers, norm_layers=norm_layers)
+
+
+def _layer_facts(name: str, module: nn.Module, weight: torch.Tensor) -> LayerFacts:
+    with torch.no_grad():
+        w = weight.detach().float()
+        transposed = getattr(module, "transposed", False)
+        fan_in = w[0].numel() if not transposed else w.shape[0] * w[0, 0].numel()
+        stats = torch.stack([w.std(unbiased=False), w.mean(), w.abs().max(), w.min(), w.max()])
+        std, mean, absmax, low, high = stats.cpu().tolist()
+        facts = LayerFacts(
+            name=name,
+            type=type(module).__name__,
+            fan_in=int(fan_in),
+            out_features=int(w.shape[1] if transposed else w.shape[0]),
+            weight_std=std,
+            weight_mean=mean,
+            constant=low == high,
+            all_zero=absmax == 0,
+        )
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor) and bias.numel():
+            b = bias.detach().float()
+            negative, b_mean, b_min = torch.stack([(b < 0).float().mean(), b.mean(), b.min()])
+            facts.bias_negative_share = float(negative)
+            facts.bias_mean = float(b_mean)
+            facts.bias_min = float(b_min)
+    return facts
+
+
+def read_optimizer_facts(optimizer: Any) -> OptimizerFacts | None:
+    """Type and learning rates of a ``torch.optim`` optimizer (None for anything else)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list) or not groups:
+        return None
+    rates = [float(g["lr"]) for g in groups if isinstance(g.get("lr"), (int, float, torch.Tensor))]
+    name = type(optimizer).__name__
+    adaptive = any("betas" in g or "alpha" in g or "lr_decay" in g for g in groups)
+    return OptimizerFacts(type=name, learning_rates=rates, groups=len(groups), adaptive=adaptive)
+
+
+class InputStats:
+    """Accumulates per-feature statistics of the first ``INPUT_BATCHES`` model inputs."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.samples = 0
+        self.features = 0
+        self._sums: torch.Tensor | None = None  # per feature: n, sum, sum of squares, negatives
+        self._negative_rows: torch.Tensor | None = None
+
+    @property
+    def wanted(self) -> bool:
+        return self.batches < INPUT_BATCHES
+
+    def add(self, x: Any) -> None:
+        """Count one input batch (ignored unless it is a floating tensor of rank >= 2)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+            return
+        with torch.no_grad():
+            x = x.detach().float()
+            feature_dim = 1 if x.dim() >= 4 else x.dim() - 1
+            per_feature = x.movedim(feature_dim, -1).reshape(-1, x.shape[feature_dim])
+            if self._sums is not None and per_feature.shape[1] != self.features:
+                return
+            finite = per_feature.nan_to_num(0.0, 0.0, 0.0)
+            sums = torch.stack(
+                [
+                    torch.full_like(finite[0], float(finite.shape[0])),
+                    finite.sum(0),
+                    finite.square().sum(0),
+                    (per_feature < 0).float().sum(0),
+                ]
+            ).double()
+            self._sums = sums.cpu() if self._sums is None else self._sums + sums.cpu()
+        self.features = per_feature.shape[1]
+        self.samples += x.shape[0]
+        self.batches += 1
+
+    def facts(self) -> InputFacts | None:
+        if self._sums is None:
+            return None
+        n, total, squares, negatives = self._sums
+        mean = total / n
+        std = (squares / n - mean.square()).clamp_min(0).sqrt()
+        overall_mean = float(total.sum() / n.sum())
+        overall_std = math.sqrt(max(float(squares.sum() / n.sum()) - overall_mean**2, 0.0))
+        return InputFacts(
+            batches=self.batches,
+            samples=self.samples,
+            features=self.features,
+            mean=overall_mean,
+            std=overall_std,
+            negative_share=float(negatives.sum() / n.sum()),
+            mostly_negative_features=float((negatives / n >= 0.99).double().mean()),
+            feature_mean_min=float(mean.min()),
+            feature_mean_max=float(mean.max()),
+            feature_std_min=float(std.min()),
+            feature_std_max=float(std.max()),
+        )
