@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -64,9 +67,13 @@ def demo(
     scenario = IsReluDead(samples=samples, epochs=epochs)
     if not quiet:
         console.print(f"[bold]{scenario.name}[/]")
-    with _progress(console, quiet or as_json) as progress:
+    live: list[str] = []  # findings announced while training, printed with the summary
+    with _progress(console, quiet or as_json) as progress, _silenced_logger():
         task = progress.add_task("training", total=epochs)
-        result = scenario.run(on_epoch=lambda *_: progress.advance(task))
+        result = scenario.run(
+            on_epoch=lambda *_: progress.advance(task),
+            on_finding=lambda finding: live.append(finding.code),
+        )
     report = result.report
     assert report is not None
     path = _write_report(report, out)
@@ -79,8 +86,22 @@ def demo(
             f"train loss {first:.4f} -> {last:.4f}, validation loss "
             f"{result.val_loss[0]:.4f} -> {result.val_loss[-1]:.4f} over {epochs} epochs"
         )
+        if live:
+            console.print(f"seen while training: {', '.join(dict.fromkeys(live))}")
     print_summary(report, console)
     console.print(f"report: {path}")
+
+
+@contextlib.contextmanager
+def _silenced_logger() -> Iterator[None]:
+    """The CLI shows findings itself: keep the library's live warnings off stderr."""
+    logger = logging.getLogger("reludoctor")
+    previous = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = previous
 
 
 @app.command()

@@ -49,6 +49,8 @@ class Thresholds:
     #: Pre-activation scale changing this much from the first to the last activation layer
     #: at the start: the initialisation shrinks or blows up the signal through depth.
     depth_signal_change: float = 100.0
+    #: Fewer weights than this give no reliable estimate of their scale.
+    init_scale_min_weights: int = 100
     #: Activation layers in one stack from which "deep" applies (seed 003, E5).
     deep_layers: int = 6
     #: Share of a layer's dead units that a negative bias holds below 0 to name the bias.
@@ -243,7 +245,7 @@ def loss_plateau(obs: Observations, t: Thresholds) -> Result:
     overall = (start - statistics.fmean(late)) / max(abs(start), 1e-12)
     if statistics.fmean(late) <= 1e-8 * max(abs(start), 1.0):
         return []  # the loss reached ~0: converged
-    flat = improvement < max(t.plateau_improvement, 2 * noise)
+    flat = abs(improvement) < max(t.plateau_improvement, 2 * noise)  # rising is not flat
     if not flat or overall >= t.plateau_learned:
         return []
     return [
@@ -396,7 +398,7 @@ def poor_init_scale(obs: Observations, t: Thresholds) -> Result:
         if activation is None or facts.constant:
             continue
         ratio = facts.he_ratio(activation.kind)
-        if ratio is None:
+        if ratio is None or facts.fan_in * facts.out_features < t.init_scale_min_weights:
             continue
         ratios[facts.name] = ratio
         if ratio > t.init_scale_off or ratio < 1 / t.init_scale_off:
@@ -538,8 +540,8 @@ def unnormalized_inputs(obs: Observations, t: Thresholds) -> Result:
     what = (
         f"{inputs.mostly_negative_features:.0%} of input features are negative in 99% of samples"
         if negative
-        else f"the inputs' mean {inputs.mean:.3g} is {abs(inputs.mean) / inputs.std:.1f} stds "
-        "from 0"
+        else f"the inputs' mean {inputs.mean:.3g} is "
+        f"{abs(inputs.mean) / max(inputs.std, 1e-12):.1f} stds from 0"
     )
     return [
         _cause(

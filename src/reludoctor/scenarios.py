@@ -1,9 +1,21 @@
-"""The experiments of the brief, as small reusable objects (demo, study and tests share them)."""
+"""The experiments of the brief (E1-E5) and healthy controls, as small reusable objects.
+
+Each scenario builds its model, data, optimizer and loss from a seed, and runs with or without
+the monitor; demo, study and the tests share them. ``expected_causes`` records what the
+brief says went wrong - for tests and the README table only: the rules never see it.
+
+    >>> from reludoctor.scenarios import ZeroInit
+    >>> result = ZeroInit(epochs=1).run()
+    >>> [f.code for f in result.report.causes()]
+    ['zero_init']
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +23,120 @@ from torch import nn
 
 import reludoctor
 from reludoctor.report.model import Report
+
+Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass
+class Setup:
+    """Everything one run needs: built fresh, deterministically, for each run."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class RunResult:
+    """What a run produced: per-epoch losses, the trained model and, when watched, the report."""
+
+    model: nn.Module
+    train_loss: list[float]
+    val_loss: list[float]
+    report: Report | None = None
+    steps: int = 0
+
+
+@dataclass
+class Scenario:
+    """Base: subclasses build the :class:`Setup`; :meth:`run` trains it."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    seed: int = 0
+    window: int = 50
+
+    name: ClassVar[str] = ""
+    expected_causes: ClassVar[tuple[str, ...]] = ()
+    expected_symptoms: ClassVar[tuple[str, ...]] = ()
+
+    def build(self) -> Setup:
+        raise NotImplementedError
+
+    def run(
+        self,
+        *,
+        watch: bool = True,
+        setup: Setup | None = None,
+        max_steps: int | None = None,
+        on_epoch: Callable[[int, float, float], None] | None = None,
+        **watch_kwargs: Any,
+    ) -> RunResult:
+        """Train for ``epochs`` (or ``max_steps``); with ``watch`` a report comes back."""
+        setup = setup or self.build()
+        model, optimizer = setup.model, setup.optimizer
+        doc = None
+        if watch:
+            watch_kwargs.setdefault("window", self.window)
+            doc = reludoctor.watch(model, optimizer=optimizer, **watch_kwargs)
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        x_train, y_train = setup.train
+        train_losses: list[float] = []
+        val_losses: list[float] = []
+        steps = 0
+        try:
+            for epoch in range(self.epochs):
+                order = torch.randperm(len(x_train), generator=generator)
+                total, count = torch.zeros(()), 0
+                for batch in order.split(self.batch_size):
+                    loss = setup.loss_fn(model(x_train[batch]), y_train[batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    if doc is not None:
+                        doc.step(loss=loss)
+                    total += loss.detach() * len(batch)
+                    count += len(batch)
+                    steps += 1
+                    if max_steps is not None and steps >= max_steps:
+                        break
+                train_losses.append(float(total) / max(count, 1))
+                val_losses.append(self._evaluate(setup))
+                if on_epoch is not None:
+                    on_epoch(epoch, train_losses[-1], val_losses[-1])
+                if max_steps is not None and steps >= max_steps:
+                    break
+            report = doc.report() if doc is not None else None
+        finally:
+            if doc is not None:
+                doc.close()
+        if report is not None:
+            report.meta.update(
+                {"scenario": self.name, "train_loss": train_losses, "val_loss": val_losses}
+            )
+        return RunResult(model, train_losses, val_losses, report, steps)
+
+    @staticmethod
+    def _evaluate(setup: Setup) -> float:
+        model = setup.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            value = float(setup.loss_fn(model(setup.val[0]), setup.val[1]))
+        model.train(was_training)
+        return value
+
+
+def _split(
+    x: torch.Tensor, y: torch.Tensor, train_fraction: float
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    cut = int(len(x) * train_fraction)
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
+# -- E1 ----------------------------------------------------------------------------------------
 
 
 class OneLayerReLU(nn.Module):
@@ -25,17 +151,7 @@ class OneLayerReLU(nn.Module):
 
 
 @dataclass
-class RunResult:
-    """What a scenario run produced: per-epoch losses and, when watched, the report."""
-
-    model: nn.Module
-    train_loss: list[float]
-    val_loss: list[float]
-    report: Report | None = None
-
-
-@dataclass
-class IsReluDead:
+class IsReluDead(Scenario):
     """E1, after seed 001: inputs uniform in (-1, 0), one dense layer with a ReLU.
 
     The article shows its code only as images and never states the target; here the target
@@ -50,23 +166,19 @@ class IsReluDead:
     epochs: int = 25
     batch_size: int = 256
     lr: float = 1e-3
-    seed: int = 0
     train_fraction: float = 0.7
-    name: str = "E1 Is ReLU Dead? (inputs uniform in (-1, 0), one ReLU layer)"
-    data: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    window: int = 100
 
-    def make_data(self) -> dict[str, torch.Tensor]:
+    name: ClassVar[str] = "E1 Is ReLU Dead? (inputs uniform in (-1, 0), one ReLU layer)"
+    expected_causes: ClassVar[tuple[str, ...]] = ("unnormalized_inputs",)
+    expected_symptoms: ClassVar[tuple[str, ...]] = ("dead_units", "loss_plateau")
+
+    def make_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
         x = -torch.rand(self.samples, 4, generator=generator)
         true_weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
         y = -(x @ true_weights) + 0.1 * torch.randn(self.samples, generator=generator)
-        split = int(self.samples * self.train_fraction)
-        return {
-            "x_train": x[:split],
-            "y_train": y[:split, None],
-            "x_val": x[split:],
-            "y_val": y[split:, None],
-        }
+        return x, y[:, None]
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -76,48 +188,243 @@ class IsReluDead:
             model.dense.bias.zero_()
         return model
 
-    def run(
-        self,
-        *,
-        watch: bool = True,
-        window: int = 100,
-        on_epoch: Callable[[int, float, float], None] | None = None,
-    ) -> RunResult:
-        """Train for ``epochs``; with ``watch`` the monitor is on and a report comes back."""
-        data = self.data or self.make_data()
+    def build(self) -> Setup:
         model = self.build_model()
+        train, val = _split(*self.make_data(), self.train_fraction)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
-        doc = reludoctor.watch(model, window=window) if watch else None
-        generator = torch.Generator().manual_seed(self.seed + 1)
-        train_losses, val_losses = [], []
-        try:
-            for epoch in range(self.epochs):
-                order = torch.randperm(len(data["x_train"]), generator=generator)
-                total, count = 0.0, 0
-                for batch in order.split(self.batch_size):
-                    x, y = data["x_train"][batch], data["y_train"][batch]
-                    loss = F.mse_loss(model(x), y)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    if doc is not None:
-                        doc.step(loss=loss)
-                    total += float(loss.detach()) * len(batch)
-                    count += len(batch)
-                model.eval()
-                with torch.no_grad():
-                    val = float(F.mse_loss(model(data["x_val"]), data["y_val"]))
-                model.train()
-                train_losses.append(total / count)
-                val_losses.append(val)
-                if on_epoch is not None:
-                    on_epoch(epoch, total / count, val)
-            report = doc.report() if doc is not None else None
-        finally:
-            if doc is not None:
-                doc.close()
-        if report is not None:
-            report.meta.update(
-                {"scenario": self.name, "train_loss": train_losses, "val_loss": val_losses}
-            )
-        return RunResult(model, train_losses, val_losses, report)
+        return Setup(model, optimizer, F.mse_loss, train, val)
+
+
+# -- E2 ----------------------------------------------------------------------------------------
+
+
+def mlp(sizes: list[int], activation: Callable[[], nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Dense layers of ``sizes`` with ``activation`` between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class KerasMLP(Scenario):
+    """E2, after seed 000: Dense 784-128-64-10 with ReLU, Adam, cross-entropy, 1,000
+    standard-normal samples with random labels, 5 epochs at Keras's batch of 32.
+
+    The article expects units to die at once; measured, they do not: standard-normal inputs
+    and PyTorch's default initialisation keep about half of each layer's units firing on
+    every batch, and the loss falls as the network memorises the random labels. So its
+    expected diagnosis is none: reludoctor must not raise a false alarm here.
+    """
+
+    samples: int = 1000
+    lr: float = 1e-3
+
+    name: ClassVar[str] = "E2 Keras MLP (784-128-64-10, random inputs and labels)"
+
+    def build(self) -> Setup:
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(self.samples, 784, generator=generator)
+        y = torch.randint(0, 10, (self.samples,), generator=generator)
+        model = mlp([784, 128, 64, 10])
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        return Setup(model, optimizer, F.cross_entropy, (x, y), (x[:200], y[:200]))
+
+
+# -- E3 ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ZeroInit(Scenario):
+    """E3, after seed 003: a 10-input, 5-unit ReLU layer with all-zero weights (and bias):
+    every pre-activation is exactly 0, so every output is 0 and no gradient flows back."""
+
+    samples: int = 2000
+    lr: float = 1e-2
+
+    name: ClassVar[str] = "E3 all-zero initialisation (10 inputs, 5 ReLU units)"
+    expected_causes: ClassVar[tuple[str, ...]] = ("zero_init",)
+    expected_symptoms: ClassVar[tuple[str, ...]] = ("dead_units", "identical_outputs")
+
+    def build(self) -> Setup:
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(self.samples, 10, generator=generator)
+        y = x[:, :3].sum(1, keepdim=True).abs()
+        model = mlp([10, 5, 1])
+        with torch.no_grad():
+            model[0].weight.zero_()
+            model[0].bias.zero_()
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr)
+        train, val = _split(x, y, 0.8)
+        return Setup(model, optimizer, F.mse_loss, train, val)
+
+
+# -- E4 ----------------------------------------------------------------------------------------
+
+
+def he_init(model: nn.Module) -> nn.Module:
+    """He (Kaiming) normal weights and zero biases on every Linear/Conv layer."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
+@dataclass
+class HighLearningRate(Scenario):
+    """E4, after seed 003: start from He initialisation and take 50 SGD steps with learning
+    rate 10: the first updates throw the units' pre-activations far below 0 and the outputs
+    collapse to one value. (A classifier: cross-entropy's bounded gradients keep the run
+    finite, where a squared error would overflow to NaN in a few steps.)"""
+
+    samples: int = 1600
+    lr: float = 10.0
+    epochs: int = 1
+    window: int = 10
+
+    name: ClassVar[str] = "E4 learning rate 10 from He initialisation (50 SGD steps)"
+    expected_causes: ClassVar[tuple[str, ...]] = ("high_learning_rate",)
+    expected_symptoms: ClassVar[tuple[str, ...]] = ("dead_units", "identical_outputs")
+
+    def build(self) -> Setup:
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(self.samples, 10, generator=generator)
+        y = (x[:, :5].sum(1) > 0).long()
+        model = he_init(mlp([10, 64, 64, 2]))
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr)
+        return Setup(model, optimizer, F.cross_entropy, (x, y), (x[:400], y[:400]))
+
+
+# -- E5 ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeepPlain(Scenario):
+    """E5, after seed 003: a 20-layer plain ReLU stack (width 64, PyTorch's default
+    initialisation), no batch norm, no skip connections: the signal shrinks layer after
+    layer, the gradients reaching the first layers vanish and the deep units die."""
+
+    samples: int = 2000
+    depth: int = 20
+    width: int = 64
+    lr: float = 1e-2
+
+    name: ClassVar[str] = "E5 20-layer plain ReLU stack, no batch norm or skip connections"
+    expected_causes: ClassVar[tuple[str, ...]] = ("deep_without_normalization",)
+    expected_symptoms: ClassVar[tuple[str, ...]] = ("vanishing_gradients",)
+
+    def build(self) -> Setup:
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(self.samples, 16, generator=generator)
+        y = torch.randint(0, 4, (self.samples,), generator=generator)
+        model = mlp([16] + [self.width] * self.depth + [4])
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
+        train, val = _split(x, y, 0.8)
+        return Setup(model, optimizer, F.cross_entropy, train, val)
+
+
+# -- healthy controls --------------------------------------------------------------------------
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits, standardised per pixel (no download)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[order], y[order]
+
+
+@dataclass
+class DigitsMLP(Scenario):
+    """Healthy control: digits, MLP 64-128-64-10 with ReLU, Adam 1e-3, standardised inputs."""
+
+    epochs: int = 8
+    lr: float = 1e-3
+
+    name: ClassVar[str] = "control: digits MLP (64-128-64-10, Adam)"
+
+    def build(self) -> Setup:
+        torch.manual_seed(self.seed)
+        x, y = digits()
+        model = mlp([64, 128, 64, 10])
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        train, val = _split(x, y, 0.8)
+        return Setup(model, optimizer, F.cross_entropy, train, val)
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions with batch norm and ReLU, then a dense head (for 8x8 digits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
+
+
+@dataclass
+class DigitsCNN(Scenario):
+    """Healthy control: digits, a small CNN with batch norm, Adam 1e-3."""
+
+    epochs: int = 5
+    lr: float = 1e-3
+
+    name: ClassVar[str] = "control: digits CNN (conv16-conv32 with batch norm, Adam)"
+
+    def build(self) -> Setup:
+        torch.manual_seed(self.seed)
+        x, y = digits()
+        model = SmallCNN()
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        train, val = _split(x, y, 0.8)
+        return Setup(model, optimizer, F.cross_entropy, train, val)
+
+
+#: Every scenario by short name, the seed experiments first.
+SCENARIOS: dict[str, type[Scenario]] = {
+    "e1": IsReluDead,
+    "e2": KerasMLP,
+    "e3": ZeroInit,
+    "e4": HighLearningRate,
+    "e5": DeepPlain,
+    "digits-mlp": DigitsMLP,
+    "digits-cnn": DigitsCNN,
+}
+
+__all__ = [
+    "SCENARIOS",
+    "DeepPlain",
+    "DigitsCNN",
+    "DigitsMLP",
+    "HighLearningRate",
+    "IsReluDead",
+    "KerasMLP",
+    "RunResult",
+    "Scenario",
+    "Setup",
+    "ZeroInit",
+    "he_init",
+    "mlp",
+]

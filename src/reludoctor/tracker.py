@@ -517,7 +517,7 @@ class Tracker(Sink):
                     start_dead_fraction=layer.start["dead_fraction"],
                     start_preact_mean=_finite(layer.start["preact_mean"]),
                     start_preact_std=_finite(layer.start["preact_std"]),
-                    bias_held_units=_bias_held(site.bias, snap["max_pre"], stats["dead"]),
+                    bias_held_units=_bias_held(site, snap["max_pre"], stats["dead"]),
                 )
             )
         return reports
@@ -563,18 +563,18 @@ def _unit_stats(snap: Snapshot, dormancy_threshold: float) -> dict[str, Any]:
     }
 
 
-def _bias_held(
-    bias: torch.Tensor | None, max_pre: np.ndarray, dead: np.ndarray
-) -> list[int] | None:
-    """Dead units held below 0 by a negative bias: without it, their input term reached > 0.
-
-    The pre-activation is ``w.x + b``, so its maximum minus ``b`` is the largest ``w.x``.
+def _bias_held(site: Site, max_pre: np.ndarray, dead: np.ndarray) -> list[int] | None:
+    """Dead units held below 0 by a large negative bias: without it, their input term w.x
+    reached above 0 (the pre-activation's maximum minus ``b`` is the largest ``w.x``), and
+    the bias lies beyond the range a default initialisation draws from, -1/sqrt(fan_in).
     """
-    if bias is None or bias.shape != max_pre.shape:
+    bias, weight = site.bias, site.weight
+    if bias is None or weight is None or bias.shape != max_pre.shape:
         return None
     b = bias.detach().float().cpu().numpy()
+    fan_in = weight[0].numel()
     with np.errstate(invalid="ignore"):  # NaN maxima are not held by anything
-        held = dead & (b < 0) & (max_pre - b > 0)
+        held = dead & (b < -1.0 / math.sqrt(max(fan_in, 1))) & (max_pre - b > 0)
     return np.flatnonzero(held).tolist()
 
 
