@@ -3,8 +3,6 @@ the causes (update ratios, bias-held units, output spread)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from conftest import leftovers, plant_dead, randn_input, train
@@ -101,7 +99,8 @@ def test_update_ratio_is_the_relative_size_of_one_step():
         model(x).square().mean().backward()
         opt.step()
         doc.step()
-    expected = torch.linalg.vector_norm(model[0].weight - before) / torch.linalg.vector_norm(before)
+    change = model[0].weight.detach() - before
+    expected = torch.linalg.vector_norm(change) / torch.linalg.vector_norm(before)
     assert doc.report().layer("1").update_ratio == pytest.approx(float(expected), rel=1e-4)
 
 
@@ -123,6 +122,3 @@ def test_output_spread_zero_for_a_constant_network():
     with rd.watch(model, sample_every=1, window=2) as doc:
         train(model, doc, 2, randn_input(8, 4))
     assert doc.report().windows[0].output_spread == 0.0
-    assert math.isclose(
-        doc.report().windows[0].loss_curve[0], doc.report().windows[0].loss_mean, rel_tol=1
-    )

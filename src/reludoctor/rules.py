@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from reludoctor.facts import ModelFacts
+from reludoctor.facts import ACTIVATION_GAIN, ModelFacts
 from reludoctor.findings import Finding
 from reludoctor.report.model import LayerReport, Window
 
@@ -401,13 +401,14 @@ def poor_init_scale(obs: Observations, t: Thresholds) -> Result:
         if ratio is None or facts.fan_in * facts.out_features < t.init_scale_min_weights:
             continue
         ratios[facts.name] = ratio
+        he_std = ACTIVATION_GAIN.get(activation.kind, math.sqrt(2)) / math.sqrt(facts.fan_in)
         if ratio > t.init_scale_off or ratio < 1 / t.init_scale_off:
             findings.append(
                 _cause(
                     "poor_init_scale",
                     facts.name,
                     f"{facts.name} started with weights {ratio:.2g}x the He scale "
-                    f"(std {facts.weight_std:.3g} against {facts.weight_std / ratio:.3g})",
+                    f"(std {facts.weight_std:.3g} against {he_std:.3g})",
                     {"he_ratio": ratio, "weight_std": facts.weight_std, "fan_in": facts.fan_in},
                 )
             )
