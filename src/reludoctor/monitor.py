@@ -16,7 +16,7 @@ from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
 from reludoctor.findings import Finding
 from reludoctor.probes import Probes
 from reludoctor.report.model import Report, Window
-from reludoctor.rules import LIVE_RULES, Diagnosis, Observations, Thresholds, run_rules
+from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
 from reludoctor.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
 
 DEFAULT_WINDOW = 100
@@ -108,9 +108,6 @@ class Monitor:
             inputs=self.tracker.inputs.facts(),
         )
 
-    def diagnose(self, report_layers: Any, windows: list[Window]) -> Diagnosis:
-        return run_rules(Observations(report_layers, windows, self.facts), self.thresholds)
-
     def _announce_findings(self, window: Window) -> None:
         """At each window's end: log new symptoms and hand them to ``on_finding``."""
         observations = Observations([], list(self.tracker.windows))
@@ -150,7 +147,8 @@ class Monitor:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        diagnosis = self.diagnose(layers, windows)
+        facts = self.facts
+        diagnosis = run_rules(Observations(layers, windows, facts), self.thresholds)
         meta = {
             "model": type(self.model).__name__,
             "steps": tracker.steps,
@@ -165,7 +163,7 @@ class Monitor:
             windows=windows,
             findings=diagnosis.findings,
             meta=meta,
-            facts=self.facts.to_dict(),
+            facts=facts.to_dict(),
             unjudged=[u.to_dict() for u in diagnosis.unjudged],
         )
 

@@ -126,19 +126,6 @@ def _span(windows: Sequence[Window]) -> list[int] | None:
     return [windows[0].start_step, windows[-1].end_step] if windows else None
 
 
-def _complete_or_all(windows: Sequence[Window]) -> list[Window]:
-    complete = [w for w in windows if w.complete]
-    return complete or list(windows)
-
-
-def _ordered_layers(obs: Observations) -> list[LayerReport]:
-    return list(obs.layers)  # the order the forward first ran them: input side first
-
-
-def _round(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None else round(value, digits)
-
-
 def _symptom(
     code: str, severity: str, layer: str | None, message: str, evidence: dict[str, Any]
 ) -> Finding:
@@ -147,13 +134,6 @@ def _symptom(
 
 def _cause(code: str, layer: str | None, message: str, evidence: dict[str, Any]) -> Finding:
     return Finding("cause", code, "error", layer, message, evidence, CAUSE_REMEDIES[code])
-
-
-def _first_layer_with_dead(obs: Observations, minimum: float = 0.0) -> LayerReport | None:
-    for layer in _ordered_layers(obs):
-        if layer.dead and layer.dead_fraction >= minimum:
-            return layer
-    return None
 
 
 # -- symptoms ----------------------------------------------------------------------------------
@@ -534,8 +514,7 @@ def unnormalized_inputs(obs: Observations, t: Thresholds) -> Result:
     off_centre = abs(inputs.mean) > t.off_centre * max(inputs.std, 1e-12)
     if not (negative or off_centre):
         return []
-    layers = _ordered_layers(obs)
-    first = layers[0] if layers else None
+    first = obs.layers[0] if obs.layers else None  # layers come in forward order
     if first is None or not first.dead:
         return []
     what = (

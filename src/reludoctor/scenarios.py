@@ -346,6 +346,14 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x[order], y[order]
 
 
+def _digits_setup(model: nn.Module, lr: float) -> Setup:
+    """Digits classification with Adam: 80% to train on, 20% to validate."""
+    x, y = digits()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    train, val = _split(x, y, 0.8)
+    return Setup(model, optimizer, F.cross_entropy, train, val)
+
+
 @dataclass
 class DigitsMLP(Scenario):
     """Healthy control: digits, MLP 64-128-64-10 with ReLU, Adam 1e-3, standardised inputs."""
@@ -357,11 +365,7 @@ class DigitsMLP(Scenario):
 
     def build(self) -> Setup:
         torch.manual_seed(self.seed)
-        x, y = digits()
-        model = mlp([64, 128, 64, 10])
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
-        train, val = _split(x, y, 0.8)
-        return Setup(model, optimizer, F.cross_entropy, train, val)
+        return _digits_setup(mlp([64, 128, 64, 10]), self.lr)
 
 
 class SmallCNN(nn.Module):
@@ -395,11 +399,7 @@ class DigitsCNN(Scenario):
 
     def build(self) -> Setup:
         torch.manual_seed(self.seed)
-        x, y = digits()
-        model = SmallCNN()
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
-        train, val = _split(x, y, 0.8)
-        return Setup(model, optimizer, F.cross_entropy, train, val)
+        return _digits_setup(SmallCNN(), self.lr)
 
 
 #: Every scenario by short name, the seed experiments first.
