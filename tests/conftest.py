@@ -107,6 +107,24 @@ def _no_global_leak():
     assert not swapped_globals(), f"wrappers still installed after the test: {swapped_globals()}"
 
 
+def layer_report(
+    name: str = "fc:relu", units: int = 10, dead: Iterable[int] = (), **fields: Any
+) -> rd.LayerReport:
+    """A hand-made layer summary with ``dead`` as its dead units (for rules and views)."""
+    dead = list(dead)
+    fields.setdefault("via", "functional")
+    return rd.LayerReport(
+        name=name,
+        kind="relu",
+        units=units,
+        dead=len(dead),
+        dead_fraction=len(dead) / units,
+        dead_units=dead,
+        samples=100,
+        **fields,
+    )
+
+
 def plant_dead(
     layer: nn.Module, dead: Iterable[int], *, alive_bias: float | None = None, scale: float = 1.0
 ) -> list[int]:

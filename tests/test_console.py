@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from conftest import layer_report
 from rich.console import Console
 
 from reludoctor.report.console import print_summary
@@ -12,16 +13,7 @@ from reludoctor.rules import Observations, run_rules
 
 
 def layer(name: str, units: int, dead: list[int]) -> LayerReport:
-    return LayerReport(
-        name=name,
-        kind="relu",
-        via="module",
-        units=units,
-        dead=len(dead),
-        dead_fraction=len(dead) / units,
-        dead_units=dead,
-        samples=100,
-    )
+    return layer_report(name, units, dead, via="module")
 
 
 def render(report: Report, **kwargs) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import layer_report
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,19 +19,7 @@ T = Thresholds()
 
 
 def layer(name="fc:relu", units=10, dead=(), producer="fc", **kw) -> LayerReport:
-    dead = list(dead)
-    return LayerReport(
-        name=name,
-        kind="relu",
-        via="functional",
-        units=units,
-        dead=len(dead),
-        dead_fraction=len(dead) / units,
-        dead_units=dead,
-        samples=100,
-        producer=producer,
-        **kw,
-    )
+    return layer_report(name, units, dead, producer=producer, **kw)
 
 
 def window(index=0, dead_fraction=0.0, *, grads=None, curve=None, spread=0.5, **kw) -> Window:
