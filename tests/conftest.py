@@ -113,9 +113,9 @@ def layer_report(
     """A hand-made layer summary with ``dead`` as its dead units (for rules and views)."""
     dead = list(dead)
     fields.setdefault("via", "functional")
+    fields.setdefault("kind", "relu")
     return rd.LayerReport(
         name=name,
-        kind="relu",
         units=units,
         dead=len(dead),
         dead_fraction=len(dead) / units,

@@ -97,10 +97,10 @@ def test_demo_runs_end_to_end_and_finds_the_dead_layer(tmp_path):
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--out", str(out), "--epochs", "2", "--samples", "5000"])
     assert result.exit_code == 0, result.output
-    assert "dense:relu" in result.output
+    assert "relu1" in result.output
     assert "dead_units" in result.output
     report = Report.load_json(out / "report.json")
-    layer = report.layer("dense:relu")
+    layer = report.layer("relu1")
     assert layer.dead == layer.units == 1
     assert not report.healthy
     flat = report.meta["train_loss"]

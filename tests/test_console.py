@@ -12,8 +12,8 @@ from reludoctor.report.model import LayerReport, Report
 from reludoctor.rules import Observations, run_rules
 
 
-def layer(name: str, units: int, dead: list[int]) -> LayerReport:
-    return layer_report(name, units, dead, via="module")
+def layer(name: str, units: int, dead: list[int], kind: str = "relu") -> LayerReport:
+    return layer_report(name, units, dead, via="module", kind=kind)
 
 
 def render(report: Report, **kwargs) -> str:
@@ -38,6 +38,17 @@ def test_worst_layers_come_first_with_findings_and_remedies():
     assert "error   dead_units: 5 of 10 units (50%) in half" in text
     assert "warning dead_units: 1 of 10 units (10%) in one" in text
     assert "(revive_units)" in text
+
+
+def test_stuck_units_of_leaky_activations_are_marked_not_dead_and_ranked_last():
+    report = make_report([layer("leaky", 10, list(range(10)), "prelu"), layer("one", 10, [7])])
+    text = render(report)
+    rows = [line.split("│")[1:5] for line in text.splitlines() if line.startswith("│")]
+    assert [r[0].strip() for r in rows] == ["one", "leaky"]
+    assert rows[1][3].strip() == "10*"
+    assert "stuck, not dead" in text
+    assert "in leaky" not in text  # no dead_units finding for it
+    assert "stuck, not dead" not in render(make_report([layer("one", 10, [7])]))
 
 
 def test_healthy_report_says_so_and_long_lists_are_cut():

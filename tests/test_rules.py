@@ -62,6 +62,22 @@ def codes(result) -> list[str]:
 # -- symptoms ----------------------------------------------------------------------------------
 
 
+def test_units_of_leaky_activations_are_never_called_dead():
+    # a PReLU/ELU unit that is never positive still passes a gradient: stuck, not dead
+    kinds = ("leaky_relu", "prelu", "elu", "selu")
+    stuck = [layer(f"l{i}", dead=range(10), kind=kind) for i, kind in enumerate(kinds)]
+    negative = ModelFacts(inputs=inputs(mostly_negative=1.0, mean=-0.5, std=0.3))
+    death = {"dead_units", "dying_units", "unnormalized_inputs", "high_learning_rate"}
+    dying = [window(i, f) for i, f in enumerate([0.0, 0.5, 1.0])]
+
+    def found(layers):
+        return {f.code for f in run_rules(Observations(layers, dying, negative), T).findings}
+
+    assert found(stuck) & death == set()
+    relu = [layer("l0", dead=range(10), start_dead_fraction=0.0)]
+    assert {"dead_units", "dying_units", "unnormalized_inputs"} <= found(relu)
+
+
 def test_dying_units_rising_and_near_miss():
     rising = [window(i, f) for i, f in enumerate([0.0, 0.1, 0.3])]
     [finding] = findings(rules.dying_units(Observations([], rising), T))
@@ -229,6 +245,7 @@ def observations(draw):
                 start_dead_fraction=draw(st.one_of(st.none(), st.floats(0, 1))),
                 start_preact_std=draw(anything),
                 bias_held_units=draw(st.one_of(st.none(), st.just(dead))),
+                kind=draw(st.sampled_from(["relu", "leaky_relu", "prelu", "selu"])),
             )
         )
     windows = []

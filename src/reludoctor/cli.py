@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from reludoctor.errors import InputError
-from reludoctor.report.console import print_summary
+from reludoctor.monitor import silenced_live_findings
+from reludoctor.report.console import print_study, print_summary
 from reludoctor.report.model import Report
 
 app = typer.Typer(
@@ -68,7 +67,7 @@ def demo(
     if not quiet:
         console.print(f"[bold]{scenario.name}[/]")
     live: list[str] = []  # findings announced while training, printed with the summary
-    with _progress(console, quiet or as_json) as progress, _silenced_logger():
+    with _progress(console, quiet or as_json) as progress, silenced_live_findings():
         task = progress.add_task("training", total=epochs)
         result = scenario.run(
             on_epoch=lambda *_: progress.advance(task),
@@ -90,18 +89,6 @@ def demo(
             console.print(f"seen while training: {', '.join(dict.fromkeys(live))}")
     print_summary(report, console)
     console.print(f"report: {path}")
-
-
-@contextlib.contextmanager
-def _silenced_logger() -> Iterator[None]:
-    """The CLI shows findings itself: keep the library's live warnings off stderr."""
-    logger = logging.getLogger("reludoctor")
-    previous = logger.disabled
-    logger.disabled = True
-    try:
-        yield
-    finally:
-        logger.disabled = previous
 
 
 @app.command()
@@ -147,6 +134,57 @@ def scan(
     else:
         print_summary(report, console)
     raise typer.Exit(EXIT_HEALTHY if report.healthy else EXIT_FINDINGS)
+
+
+@app.command()
+def study(
+    out: Annotated[Path, typer.Option(help="Folder for study.csv and study.json.")] = Path(
+        "reludoctor-study"
+    ),
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A smaller grid: 50,000 samples, 1 seed.")
+    ] = False,
+    samples: Annotated[int | None, typer.Option(min=1000, help="Default 200,000.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Baseline's; default 10.")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="Runs per variant; default 3.")] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", help="Only these variants (repeatable).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the table.")] = False,
+) -> None:
+    """Measure the "Solution?" list of "Is ReLU Dead?" on its data, beside the article's claims."""
+    from reludoctor import study as grid
+
+    defaults = (50_000, 10, 1) if quick else (200_000, 10, 3)
+    samples, epochs, seeds = (
+        given if given is not None else default
+        for given, default in zip((samples, epochs, seeds), defaults, strict=True)
+    )
+    console = Console(stderr=as_json)
+    try:
+        variants = grid.select(variant)
+        with _progress(console, quiet or as_json) as progress:
+            task = progress.add_task("study", total=len(variants) * seeds)
+
+            def advance(v: grid.Variant, seed: int) -> None:
+                progress.update(task, description=f"study: {v.key} seed {seed} done")
+                progress.advance(task)
+
+            result = grid.run_study(
+                samples=samples, epochs=epochs, seeds=seeds, keys=variant, on_run=advance
+            )
+    except InputError as error:
+        raise _fail(str(error)) from error
+    try:
+        csv_path, json_path = result.save(out)
+    except OSError as error:
+        raise _fail(f"cannot write the study into {out}: {error}") from error
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    print_study(result, console, quiet=quiet)
+    console.print(f"results: {csv_path}, {json_path}")
 
 
 def main() -> None:

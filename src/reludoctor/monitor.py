@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
@@ -23,6 +24,17 @@ DEFAULT_WINDOW = 100
 DEFAULT_SAMPLE_EVERY = 10
 
 logger = logging.getLogger("reludoctor")
+
+
+@contextlib.contextmanager
+def silenced_live_findings() -> Iterator[None]:
+    """Keep live findings off the ``reludoctor`` logger (for callers that show them)."""
+    previous = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = previous
 
 
 def _positive_int(value: Any, name: str) -> int:

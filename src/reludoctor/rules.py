@@ -143,7 +143,7 @@ def dead_units(obs: Observations, t: Thresholds) -> Result:
     """One finding per layer with units that never fired over the report's final span."""
     findings: Result = []
     for layer in obs.layers:
-        if not layer.dead:
+        if not layer.dead or not layer.can_die:
             continue
         severity = "error" if layer.dead_fraction >= t.dead_error_fraction else "warning"
         evidence: dict[str, Any] = {
@@ -179,7 +179,10 @@ def dying_units(obs: Observations, t: Thresholds) -> Result:
     if len(windows) < 2:
         return [Unjudged("dying_units", "fewer than two complete windows to compare")]
     findings: Result = []
+    leaky = {layer.name for layer in obs.layers if not layer.can_die}
     for index, name in enumerate(wl.name for wl in windows[-1].layers):
+        if name in leaky:
+            continue
         series = [w.layers[index].dead_fraction for w in windows if index < len(w.layers)]
         recent = series[-3:]
         rise = recent[-1] - min(recent)
@@ -423,7 +426,7 @@ def negative_bias(obs: Observations, t: Thresholds) -> Result:
             continue
         judged = True
         held = layer.bias_held_units
-        if not layer.dead or len(held) < t.negative_bias_share * layer.dead or not held:
+        if not (layer.can_die and held) or len(held) < t.negative_bias_share * layer.dead:
             continue
         findings.append(
             _cause(
@@ -444,7 +447,8 @@ def high_learning_rate(obs: Observations, t: Thresholds) -> Result:
     died = [
         lay
         for lay in obs.layers
-        if lay.start_dead_fraction is not None
+        if lay.can_die
+        and lay.start_dead_fraction is not None
         and lay.dead_fraction - lay.start_dead_fraction >= t.died_during_training
     ]
     windows = obs.windows
@@ -515,7 +519,7 @@ def unnormalized_inputs(obs: Observations, t: Thresholds) -> Result:
     if not (negative or off_centre):
         return []
     first = obs.layers[0] if obs.layers else None  # layers come in forward order
-    if first is None or not first.dead:
+    if first is None or not first.can_die or not first.dead:
         return []
     what = (
         f"{inputs.mostly_negative_features:.0%} of input features are negative in 99% of samples"
@@ -560,9 +564,9 @@ def deep_without_normalization(obs: Observations, t: Thresholds) -> Result:
             ratio = norms[0] / norms[-1]
             if ratio < t.vanishing_ratio or ratio > t.exploding_ratio:
                 damage["grad_norm_ratio_first_to_last"] = ratio
-    deep_half = obs.layers[depth // 2 :]
-    worst = max(deep_half, key=lambda lay: lay.dead_fraction)
-    if worst.dead_fraction >= t.dead_error_fraction:
+    deep_half = [lay for lay in obs.layers[depth // 2 :] if lay.can_die]
+    worst = max(deep_half, key=lambda lay: lay.dead_fraction, default=None)
+    if worst is not None and worst.dead_fraction >= t.dead_error_fraction:
         damage["deep_layer_dead_fraction"] = {worst.name: round(worst.dead_fraction, 4)}
     stds = [lay.start_preact_std for lay in obs.layers if lay.start_preact_std]
     if len(stds) >= 2:

@@ -13,6 +13,8 @@ brief says went wrong - for tests and the README table only: the rules never see
 from __future__ import annotations
 
 import itertools
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -139,20 +141,67 @@ def _split(
 # -- E1 ----------------------------------------------------------------------------------------
 
 
-class OneLayerReLU(nn.Module):
-    """A single dense unit (or layer) followed by a ReLU, as in "Is ReLU Dead?"."""
+def _positive_uniform(weight: torch.Tensor) -> None:
+    nn.init.uniform_(weight, 0.0, 1.0)
 
-    def __init__(self, in_features: int = 4, out_features: int = 1) -> None:
-        super().__init__()
-        self.dense = nn.Linear(in_features, out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.dense(x))
+def _lecun_uniform(weight: torch.Tensor) -> None:
+    limit = math.sqrt(3.0 / weight.shape[1])
+    nn.init.uniform_(weight, -limit, limit)
+
+
+#: Initialisers of the study's grid, by their Keras names; biases always start at 0.
+INITIALISERS: dict[str, Callable[[torch.Tensor], None]] = {
+    "positive_uniform": _positive_uniform,
+    "he_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+    "he_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+    "lecun_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="linear"),
+    "lecun_uniform": _lecun_uniform,
+    "random_uniform": lambda w: nn.init.uniform_(w, -0.05, 0.05),  # Keras's RandomUniform
+    "negative_uniform": lambda w: nn.init.uniform_(w, -1.0, 0.0),
+}
+
+#: Activations of the study's grid (PyTorch's defaults: LeakyReLU's slope is 0.01).
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "prelu": nn.PReLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+}
+
+
+def dense_stack(
+    sizes: list[int],
+    *,
+    activation: str = "relu",
+    init: str = "positive_uniform",
+    dropout: float = 0.0,
+    batch_norm: bool = False,
+) -> nn.Sequential:
+    """Dense layers of ``sizes``, each followed by ``activation`` (the output layer too, as in
+    "Is ReLU Dead?"), with optional dropout on each layer's input (AlphaDropout for SELU)
+    and batch norm before each activation."""
+    layers: dict[str, nn.Module] = {}
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes), start=1):
+        if dropout:
+            dropout_type = nn.AlphaDropout if activation == "selu" else nn.Dropout
+            layers[f"dropout{i}"] = dropout_type(dropout)
+        linear = nn.Linear(n_in, n_out)
+        INITIALISERS[init](linear.weight)
+        nn.init.zeros_(linear.bias)
+        layers[f"dense{i}"] = linear
+        if batch_norm:
+            layers[f"batch_norm{i}"] = nn.BatchNorm1d(n_out)
+        layers[f"{activation}{i}"] = ACTIVATIONS[activation]()
+    return nn.Sequential(OrderedDict(layers))
 
 
 @dataclass
 class IsReluDead(Scenario):
-    """E1, after seed 001: inputs uniform in (-1, 0), one dense layer with a ReLU.
+    """E1, after seed 001: inputs uniform in (-1, 0), one dense unit with a ReLU.
 
     The article shows its code only as images and never states the target; here the target
     is a fixed linear function of x that a live ReLU could fit, ``y = -x @ [1, 2, 3, 4] +
@@ -160,6 +209,11 @@ class IsReluDead(Scenario):
     uniform in (0, 1), the bias at zero - so every pre-activation ``w @ x`` is negative,
     the unit outputs 0 for every input, gets no gradient, and train and validation loss stay
     flat for all epochs, as the article observed.
+
+    The other fields are the knobs of the article's "Solution?" list that ``reludoctor
+    study`` turns: ``hidden`` widths of extra ReLU layers, the initialiser (a key of
+    :data:`INITIALISERS`), the activation (a key of :data:`ACTIVATIONS`), dropout on each
+    layer's input, batch norm before each activation and Adam's learning rate.
     """
 
     samples: int = 200_000
@@ -168,6 +222,11 @@ class IsReluDead(Scenario):
     lr: float = 1e-3
     train_fraction: float = 0.7
     window: int = 100
+    hidden: tuple[int, ...] = ()
+    init: str = "positive_uniform"
+    activation: str = "relu"
+    dropout: float = 0.0
+    batch_norm: bool = False
 
     name: ClassVar[str] = "E1 Is ReLU Dead? (inputs uniform in (-1, 0), one ReLU layer)"
     expected_causes: ClassVar[tuple[str, ...]] = ("unnormalized_inputs",)
@@ -182,11 +241,13 @@ class IsReluDead(Scenario):
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)
-        model = OneLayerReLU()
-        with torch.no_grad():
-            model.dense.weight.uniform_(0.0, 1.0)
-            model.dense.bias.zero_()
-        return model
+        return dense_stack(
+            [4, *self.hidden, 1],
+            activation=self.activation,
+            init=self.init,
+            dropout=self.dropout,
+            batch_norm=self.batch_norm,
+        )
 
     def build(self) -> Setup:
         model = self.build_model()

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from reludoctor.findings import REMEDIES
 from reludoctor.report.model import Report
+
+if TYPE_CHECKING:
+    from reludoctor.study import StudyResult
+
+#: Consoles at least this wide get the study table's R^2 and diagnosis columns.
+STUDY_WIDE = 110
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -36,19 +45,32 @@ def summary(report: Report, max_layers: int = 10) -> Group:
     table.add_column("dead %", justify="right")
     table.add_column("dormant", justify="right")
     table.add_column("grad norm", justify="right")
+    stuck_shown = False
     for layer in report.worst_layers(max_layers):
         style = "red" if layer.dead_fraction >= 0.4 else ("yellow" if layer.dead else "")
+        dead = str(layer.dead)
+        if not layer.can_die:
+            style, dead = "", f"{layer.dead}*" if layer.dead else dead
+            stuck_shown = stuck_shown or bool(layer.dead)
         table.add_row(
             Text(layer.name),
             layer.kind,
             str(layer.units),
-            str(layer.dead),
+            dead,
             _percent(layer.dead_fraction),
             str(len(layer.dormant_units)) if layer.fire_rate is not None else "-",
             f"{layer.grad_norm:.3g}" if layer.grad_norm is not None else "-",
             style=style,
         )
     parts.append(table)
+    if stuck_shown:
+        parts.append(
+            Text(
+                "* never positive, but this activation still passes a gradient below 0: "
+                "stuck, not dead",
+                style="dim",
+            )
+        )
     hidden = len(report.layers) - max_layers
     if hidden > 0:
         parts.append(Text(f"... and {hidden} more layers (see the JSON report)", style="dim"))
@@ -72,3 +94,61 @@ def summary(report: Report, max_layers: int = 10) -> Group:
 def print_summary(report: Report, console: Console | None = None, max_layers: int = 10) -> None:
     """Print :func:`summary` to ``console`` (standard output by default)."""
     (console or Console()).print(summary(report, max_layers=max_layers))
+
+
+def study_table(result: StudyResult, wide: bool = True) -> Table:
+    """The study's grid as a table: measurements, reludoctor's diagnosis (``wide`` only, with
+    R^2), the verdict (``*`` where it contradicts the article) and the article's claim."""
+    table = Table(
+        title=f"Is ReLU Dead? on its data: {result.samples} samples, {result.epochs} epochs, "
+        f"{result.seeds} seed(s) per variant",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    numbers = ["train", "val", "R^2", "dead", "grad L1"] if wide else ["train", "val", "dead"]
+    table.add_column("variant")
+    for column in numbers if wide else [*numbers, "grad L1"]:
+        table.add_column(column, justify="right", no_wrap=True)
+    for column in ("diagnosis", "verdict", "article") if wide else ("verdict", "article"):
+        table.add_column(column)
+    for o in result.outcomes:
+        cells = {
+            "train": f"{o.train_loss:.3g}",
+            "val": f"{o.val_loss:.3g}",
+            "R^2": f"{o.r2:.2f}",
+            "dead": _percent(o.dead_fraction) if o.dead_fraction is not None else "-",
+            "grad L1": f"{o.first_layer_grad:.2g}",
+            "diagnosis": " ".join(code.replace("_", " ") for code in o.causes) or "-",
+            "verdict": o.verdict + (" *" if o.agrees is False else ""),
+            "article": o.article or "-",
+        }
+        columns = [c.header for c in table.columns[1:]]
+        table.add_row(Text(o.label), *(cells[str(c)] for c in columns))
+    return table
+
+
+def print_study(result: StudyResult, console: Console | None = None, quiet: bool = False) -> None:
+    """Print the study's table and, unless ``quiet``, where it disagrees with the article."""
+    from reludoctor.study import LEARNED_R2, STILL_IMPROVING, TARGET
+
+    console = console or Console()
+    console.print(study_table(result, wide=console.width >= STUDY_WIDE))
+    if quiet:
+        return
+    console.print(
+        Text(
+            f"target {TARGET}. verdict: 'learns' at R^2 >= {LEARNED_R2} on the validation "
+            f"split, 'learns slowly' when the training loss still fell by {STILL_IMPROVING:.0%} "
+            "over the second half of the epochs, else 'stuck'. dead: ReLU units never positive "
+            "in the last window (- where the activation cannot die). grad L1: gradient norm of "
+            f"the first layer's weights after training. article: what it says (- not tried). "
+            f"{result.seconds:.0f} s.",
+            style="dim",
+        )
+    )
+    disagreements = result.disagreements()
+    if disagreements:
+        console.print(Text("* Where the measurement disagrees with the article", style="bold"))
+        for line in disagreements:
+            console.print(Text(f"  - {line}"))

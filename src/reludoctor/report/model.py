@@ -16,6 +16,12 @@ from reludoctor.findings import SEVERITY_ORDER, Finding
 SCHEMA_VERSION = 1
 
 
+#: Activations whose gradient is 0 for every negative pre-activation: only their units can die.
+#: Leaky ReLU, PReLU, ELU, SELU, GELU ... still pass a gradient below 0, so a unit of theirs
+#: that is never positive is stuck on the negative side, not dead.
+ZERO_SLOPE_KINDS = frozenset({"relu", "relu6", "hardtanh"})
+
+
 @dataclass
 class LayerReport:
     """One observed activation call site, summarised over the report's final span.
@@ -49,6 +55,11 @@ class LayerReport:
     start_preact_mean: float | None = None
     start_preact_std: float | None = None
     bias_held_units: list[int] | None = None
+
+    @property
+    def can_die(self) -> bool:
+        """Whether this activation's units get no gradient when never positive."""
+        return self.kind in ZERO_SLOPE_KINDS
 
     @property
     def alive(self) -> int:
@@ -134,8 +145,12 @@ class Report:
         raise KeyError(f"no layer named {name!r} in this report; layers: {known}")
 
     def worst_layers(self, n: int | None = None) -> list[LayerReport]:
-        """Layers by dead fraction, worst first (ties: more dead units first)."""
-        ranked = sorted(self.layers, key=lambda lay: (-lay.dead_fraction, -lay.dead, lay.name))
+        """Layers by dead fraction, worst first (ties: more dead units first); layers whose
+        activation passes a gradient below 0 (their units cannot die) come last."""
+        ranked = sorted(
+            self.layers,
+            key=lambda lay: (not lay.can_die, -lay.dead_fraction, -lay.dead, lay.name),
+        )
         return ranked if n is None else ranked[:n]
 
     def sorted_findings(self) -> list[Finding]:
