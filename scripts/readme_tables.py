@@ -1,0 +1,112 @@
+"""Write the README's outcome tables from measurements, never by hand.
+
+    python scripts/readme_tables.py            # scenario outcomes (about 20 s)
+    python scripts/readme_tables.py --study    # also the study grid (about 3 minutes)
+    python scripts/readme_tables.py --check    # exit 1 when the scenario table is stale
+
+Each table lives in README.md between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``.
+The scenario table holds finding codes only, so it is the same on every machine; the study
+table holds numbers from the machine that ran it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from reludoctor.monitor import silenced_live_findings
+from reludoctor.scenarios import SCENARIOS
+from reludoctor.study import StudyResult, run_study
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _codes(codes: list[str]) -> str:
+    return ", ".join(f"`{c}`" for c in codes) or "none"
+
+
+def scenario_table() -> str:
+    """Run every scenario at its defaults, watched, and tabulate what the rules found."""
+    torch.set_num_threads(2)
+    rows = [
+        "| scenario | the brief's cause | causes found | symptoms found | as expected |",
+        "|---|---|---|---|---|",
+    ]
+    for key, scenario_type in SCENARIOS.items():
+        scenario = scenario_type()
+        with silenced_live_findings():
+            report = scenario.run().report
+        assert report is not None
+        causes = [f.code for f in report.causes()]
+        symptoms = list(dict.fromkeys(f.code for f in report.findings if f.kind == "symptom"))
+        expected = set(scenario.expected_causes) == set(causes) and (
+            set(scenario.expected_symptoms) <= set(symptoms)
+        )
+        if not scenario.expected_causes:
+            expected = expected and report.healthy
+        rows.append(
+            f"| {key}: {scenario.name} | {_codes(list(scenario.expected_causes))} "
+            f"| {_codes(causes)} | {_codes(symptoms)} | {'yes' if expected else '**no**'} |"
+        )
+    return "\n".join(rows)
+
+
+def study_table(result: StudyResult) -> str:
+    """The study grid as Markdown, with where it disagrees with the article."""
+    rows = [
+        f"{result.samples} samples, {result.epochs} epochs, {result.seeds} seeds per variant, "
+        f"{result.seconds:.0f} s on the machine that wrote this table.",
+        "",
+        "| variant | train loss | val loss | R^2 | dead | grad L1 | diagnosis | verdict "
+        "| article |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o in result.outcomes:
+        dead = f"{o.dead_fraction:.0%}" if o.dead_fraction is not None else "-"
+        mark = " **(disagrees)**" if o.agrees is False else ""
+        rows.append(
+            f"| {o.label} | {o.train_loss:.3g} | {o.val_loss:.3g} | {o.r2:.2f} | {dead} "
+            f"| {o.first_layer_grad:.2g} | {_codes(o.causes)} | {o.verdict}{mark} "
+            f"| {o.article or '-'} |"
+        )
+    return "\n".join(rows)
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """``text`` with the section ``name`` replaced by ``body``."""
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no <!-- {name}:start/end --> markers")
+    return pattern.sub(lambda m: f"{m.group(1)}{body}\n{m.group(2)}", text)
+
+
+def section(text: str, name: str) -> str:
+    match = re.search(rf"<!-- {name}:start -->\n(.*?)\n<!-- {name}:end -->", text, re.DOTALL)
+    return match.group(1) if match else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail when the table is stale")
+    parser.add_argument("--study", action="store_true", help="also run and write the study")
+    args = parser.parse_args()
+    text = README.read_text()
+    table = scenario_table()
+    if args.check:
+        if section(text, "scenario-outcomes") != table:
+            print("README.md's scenario table is stale: run python scripts/readme_tables.py")
+            return 1
+        return 0
+    text = replace_section(text, "scenario-outcomes", table)
+    if args.study:
+        text = replace_section(text, "study", study_table(run_study()))
+    README.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
