@@ -108,11 +108,19 @@ def test_bias_held_units_are_exactly_the_planted_ones():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
     planted = plant_dead(model[0], [2, 5], alive_bias=0.5)
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        bias_in_stds = float(model[0].bias.mean() / model[0](x).std())
     with rd.watch(model) as doc:
-        train(model, doc, 3, randn_input(32, 6))
-    layer = doc.report().layer("1")
+        train(model, doc, 3, lambda _step: x)
+    report = doc.report()
+    layer = report.layer("1")
     assert layer.dead_units == planted == layer.bias_held_units
-    assert "negative_bias" in {f.code for f in doc.report().causes()}
+    [cause] = [f for f in report.causes() if f.code == "negative_bias"]
+    assert cause.evidence["bias_mean_in_preact_std"] == pytest.approx(bias_in_stds, rel=1e-2)
+    assert report.facts["layers"][0]["bias_mean_in_preact_std"] == pytest.approx(
+        bias_in_stds, rel=1e-2
+    )
 
 
 def test_output_spread_zero_for_a_constant_network():

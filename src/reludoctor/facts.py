@@ -9,7 +9,7 @@ Reading them syncs with the device a handful of times when watching starts, neve
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,6 +57,9 @@ class LayerFacts:
     bias_negative_share: float | None = None
     bias_mean: float | None = None
     bias_min: float | None = None
+    #: ``bias_mean`` in units of the std of the pre-activation it feeds (first batch seen):
+    #: -1 means the average bias alone shifts a typical unit one std below 0.
+    bias_mean_in_preact_std: float | None = None
 
     def he_ratio(self, activation: str = "relu") -> float | None:
         """``weight_std`` over the He value ``gain / sqrt(fan_in)`` for ``activation``."""
@@ -115,6 +118,17 @@ class ModelFacts:
             if layer.name == name:
                 return layer
         return None
+
+    def with_preactivation_scale(self, stds: dict[str, float]) -> ModelFacts:
+        """A copy whose layers' bias means are also given in units of ``stds[layer name]``
+        (the std of the pre-activation each layer feeds)."""
+        layers = [
+            replace(lay, bias_mean_in_preact_std=lay.bias_mean / stds[lay.name])
+            if lay.bias_mean is not None and stds.get(lay.name)
+            else lay
+            for lay in self.layers
+        ]
+        return replace(self, layers=layers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

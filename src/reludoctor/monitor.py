@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -159,7 +160,13 @@ class Monitor:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        facts = self.facts
+        facts = self.facts.with_preactivation_scale(
+            {
+                lay.producer: lay.start_preact_std
+                for lay in layers
+                if lay.producer and lay.start_preact_std and math.isfinite(lay.start_preact_std)
+            }
+        )
         diagnosis = run_rules(Observations(layers, windows, facts), self.thresholds)
         meta = {
             "model": type(self.model).__name__,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from reludoctor.facts import ACTIVATION_GAIN, ModelFacts
+from reludoctor.facts import ACTIVATION_GAIN, LayerFacts, ModelFacts
 from reludoctor.findings import Finding
 from reludoctor.report.model import LayerReport, Window
 
@@ -434,12 +434,25 @@ def negative_bias(obs: Observations, t: Thresholds) -> Result:
                 layer.name,
                 f"{len(held)} of the {layer.dead} dead units of {layer.name} are held below 0 "
                 "by a negative bias: without it their input term did reach above 0",
-                {"held_units": held[:EVIDENCE_UNITS], "held": len(held), "dead": layer.dead},
+                _bias_evidence(
+                    obs.facts.layer(layer.producer),
+                    {"held_units": held[:EVIDENCE_UNITS], "held": len(held), "dead": layer.dead},
+                ),
             )
         )
     if not judged:
         return [Unjudged("negative_bias", "no activation is fed directly by a layer with bias")]
     return findings
+
+
+def _bias_evidence(producer: LayerFacts | None, evidence: dict[str, Any]) -> dict[str, Any]:
+    """``evidence`` plus the producer's bias statistics, where they were read."""
+    if producer is not None:
+        for key in ("bias_negative_share", "bias_mean", "bias_mean_in_preact_std"):
+            value = getattr(producer, key)
+            if value is not None:
+                evidence[key] = value
+    return evidence
 
 
 def high_learning_rate(obs: Observations, t: Thresholds) -> Result:
