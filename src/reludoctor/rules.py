@@ -400,11 +400,12 @@ def poor_init_scale(obs: Observations, t: Thresholds) -> Result:
         change = stds[-1] / stds[0]
         if change < 1 / t.depth_signal_change or change > t.depth_signal_change:
             direction = "shrinks" if change < 1 else "grows"
+            factor = max(change, 1 / change) if change > 0 else math.inf
             findings.append(
                 _cause(
                     "poor_init_scale",
                     None,
-                    f"at the start the signal {direction} {max(change, 1 / change):.3g}x from "
+                    f"at the start the signal {direction} {factor:.3g}x from "
                     f"the first to the last of {len(stds)} activation layers: the weights' "
                     "scale does not preserve it",
                     {
