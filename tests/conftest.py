@@ -6,15 +6,23 @@ Import the helpers with ``from conftest import ...`` (pytest puts this directory
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
 from torch import nn
 
 import reludoctor as rd
+
+# Property tests draw the same examples on every run, so CI is never red by chance; set
+# HYPOTHESIS_PROFILE=explore to search new ground.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 #: Bias that keeps a unit's pre-activation far below 0 whatever its (small) input term is.
 DEAD_BIAS = -1e4
