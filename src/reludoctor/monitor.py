@@ -110,6 +110,11 @@ class Monitor:
         return max(facts.learning_rates) if facts and facts.learning_rates else None
 
     @property
+    def example_input(self) -> torch.Tensor | None:
+        """The first rows of the first input the model saw while watched (None before)."""
+        return self.tracker.example_input
+
+    @property
     def facts(self) -> ModelFacts:
         """What is known of the model, optimizer and inputs so far."""
         static = self._static_facts

@@ -37,6 +37,8 @@ UPDATE_ROWS = 256
 LOSS_POINTS = 16
 #: Layers wider than this keep summaries but no per-unit lists in the report.
 UNIT_DETAIL_LIMIT = 65_536
+#: Rows of the first model input kept to trace where units flow (for reviving them).
+EXAMPLE_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,7 @@ class Tracker(Sink):
         self.on_window: list[Callable[[Window], None]] = []
         self.learning_rate: Callable[[], float | None] = lambda: None
         self.inputs = InputStats()
+        self.example_input: torch.Tensor | None = None
         self._saved: list[LayerState] = []
         self._output_spread: torch.Tensor | None = None
         self._output_samples = 0
@@ -305,6 +308,8 @@ class Tracker(Sink):
 
     def observe_model_input(self, x: Any) -> None:
         self.inputs.add(x)
+        if self.example_input is None and isinstance(x, torch.Tensor) and x.dim() >= 1:
+            self.example_input = x[:EXAMPLE_ROWS].detach().clone()
 
     def observe_model_output(self, out: Any) -> None:
         """Spread of the outputs across the batch, relative to their size (identical: ~0)."""
