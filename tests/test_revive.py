@@ -173,3 +173,33 @@ def test_bad_input_is_refused_and_changes_nothing():
     with pytest.raises(RemedyError, match="Report or Monitor"):
         revive_units(model, {"layers": []}, example=x)  # type: ignore[arg-type]
     assert unchanged()
+
+
+def test_live_revival_recycles_dead_units_at_window_ends(caplog):
+    model, first, second = mlp_with_dead_units()
+    x = torch.randn(64, 6)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with (
+        caplog.at_level("INFO", logger="reludoctor"),
+        rd.watch(model, optimizer=opt, window=5, revive=True) as doc,
+    ):
+        adam_steps(model, opt, x, steps=20, doc=doc)
+    assert doc.revivals[0]["step"] == 5
+    assert doc.revivals[0]["revived"] == {"1": first, "3": second}
+    assert "revived 3 units of 1, 2 units of 3" in caplog.text
+    assert doc.report().meta["revivals"] == doc.revivals
+    after = rd.scan(model, x)  # the planted dead units fire again
+    assert not set(first) & set(after.layers[0].dead_units)
+    assert not set(second) & set(after.layers[1].dead_units)
+
+
+def test_live_revival_is_capped_and_needs_the_optimizer():
+    model, _, _ = mlp_with_dead_units()
+    x = torch.randn(64, 6)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with rd.watch(model, optimizer=opt, window=2, revive=True, revive_cap=2) as doc:
+        adam_steps(model, opt, x, steps=6, doc=doc)
+    revived = [sum(len(u) for u in entry["revived"].values()) for entry in doc.revivals]
+    assert revived[0] == 2 and all(n <= 2 for n in revived) and sum(revived) == 5
+    with pytest.raises(ValueError, match="needs optimizer="):
+        rd.watch(model, revive=True)

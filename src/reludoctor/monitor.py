@@ -18,11 +18,15 @@ from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
 from reludoctor.findings import Finding
 from reludoctor.probes import Probes
 from reludoctor.report.model import Report, Window
+from reludoctor.revive import revive_units
 from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
 from reludoctor.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
 
 DEFAULT_WINDOW = 100
 DEFAULT_SAMPLE_EVERY = 10
+#: Most units live revival recycles at one window's end (the deadest layers first): a cap
+#: keeps one bad window from re-initialising a whole network.
+DEFAULT_REVIVE_CAP = 128
 
 logger = logging.getLogger("reludoctor")
 
@@ -70,8 +74,18 @@ class Monitor:
         on_window: Callable[[Window], None] | None = None,
         optimizer: Any = None,
         on_finding: Callable[[Finding], None] | None = None,
+        revive: bool = False,
+        revive_cap: int = DEFAULT_REVIVE_CAP,
     ) -> None:
         self.model = _require_module(model, "rd.watch")
+        if revive and optimizer is None:
+            raise ValueError(
+                "rd.watch(revive=True) needs optimizer=: reviving units resets the optimizer's "
+                "state for them"
+            )
+        self.revive_cap = _positive_int(revive_cap, "revive_cap")
+        #: One entry per window end at which live revival acted: step, revived units, skips.
+        self.revivals: list[dict[str, Any]] = []
         self.thresholds = thresholds or Thresholds()
         self.optimizer = optimizer
         self.on_finding = on_finding
@@ -85,6 +99,8 @@ class Monitor:
         )
         self.tracker.learning_rate = self._learning_rate
         self.tracker.on_window.append(self._announce_findings)
+        if revive:
+            self.tracker.on_window.append(self._revive_dead_units)
         if on_window is not None:
             self.tracker.on_window.append(on_window)
         self.count_eval = count_eval
@@ -108,6 +124,38 @@ class Monitor:
     def _learning_rate(self) -> float | None:
         facts = read_optimizer_facts(self.optimizer) if self.optimizer is not None else None
         return max(facts.learning_rates) if facts and facts.learning_rates else None
+
+    def _revive_dead_units(self, window: Window) -> None:
+        """Live revival: recycle the units that were dead over the window just closed."""
+        example = self.example_input
+        if example is None or self.probes is None:
+            return
+        _, snapshots = self.tracker.open_window()
+        layers = self.tracker.layer_reports(snapshots)
+        if not any(layer.dead and layer.can_die for layer in layers):
+            return
+        counting, self.probes.count_eval = self.probes.count_eval, False
+        try:
+            record = revive_units(
+                self.model,
+                Report(layers=layers, windows=[], findings=[]),
+                self.optimizer,
+                example=example,
+                max_units=self.revive_cap,
+            )
+        finally:
+            self.probes.count_eval = counting
+        revived = record.details["revived"]
+        entry = {"step": window.end_step, "window": window.index, "revived": revived}
+        if record.skipped:
+            entry["skipped"] = record.skipped
+        self.revivals.append(entry)
+        if revived:
+            logger.info(
+                "reludoctor at step %d: revived %s",
+                window.end_step,
+                ", ".join(f"{len(u)} units of {name}" for name, u in revived.items()),
+            )
 
     @property
     def example_input(self) -> torch.Tensor | None:
@@ -180,6 +228,7 @@ class Monitor:
             "sample_every": tracker.sample_every,
             "dormancy_threshold": tracker.dormancy_threshold,
             "torch": torch.__version__,
+            **({"revivals": self.revivals} if self.revivals else {}),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         return Report(
@@ -231,6 +280,8 @@ def watch(
     on_window: Callable[[Window], None] | None = None,
     optimizer: Any = None,
     on_finding: Callable[[Finding], None] | None = None,
+    revive: bool = False,
+    revive_cap: int = DEFAULT_REVIVE_CAP,
 ) -> Monitor:
     """Watch every ReLU-family activation of ``model`` while it trains.
 
@@ -248,6 +299,11 @@ def watch(
         on_finding: called at a window's end with each new warning or error finding (dying
             units, identical outputs ...), so a loop can react while it happens; they are
             also logged to the ``reludoctor`` logger.
+        revive: recycle dead units at each window's end (see
+            :func:`reludoctor.revive.revive_units`: outputs unchanged, optimizer state for
+            them reset); needs ``optimizer``. Each revival is logged (``reludoctor`` logger,
+            info) and kept in ``doc.revivals`` and the report's ``meta["revivals"]``.
+        revive_cap: at most this many units revived per window.
 
     Example:
         >>> import torch, reludoctor as rd
@@ -269,4 +325,6 @@ def watch(
         on_window=on_window,
         optimizer=optimizer,
         on_finding=on_finding,
+        revive=revive,
+        revive_cap=revive_cap,
     )

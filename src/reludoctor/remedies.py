@@ -129,7 +129,8 @@ class RemedyRecord:
         group = optimizer.param_groups[-1]
 
         def restore() -> None:
-            optimizer.param_groups.remove(group)
+            # by identity: list.remove would compare groups (and their tensors) with ==
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g is not group]
             for p in params:
                 optimizer.state.pop(p, None)
 
@@ -287,7 +288,7 @@ def swap_activation(
         )
     try:
         SWAP_TARGETS[to](**kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError, RuntimeError) as error:
         raise RemedyError(f"swap_activation: {to} does not take {kwargs}: {error}") from None
     targets = [
         (parent, child_name, child, f"{parent_name}.{child_name}".lstrip("."))
@@ -318,7 +319,7 @@ def swap_activation(
             record.skipped.append(
                 "functional activations not looked for: pass example= to find them"
             )
-        if to == "selu":
+        if to == "selu" and targets:
             _selu_companions(model, record)
     return record
 
@@ -386,10 +387,18 @@ def add_batch_norm(
                 if isinstance(module, _WEIGHTED) and type(following) in _GAIN_NAMES:
                     norm = _batch_norm_for(module)
                     norm.to(device=module.weight.device, dtype=module.weight.dtype)
-                    rebuilt[f"{name}_batch_norm"] = norm
+                    norm.train(module.training)
+                    taken = set(parent._modules) | set(rebuilt)
+                    norm_name = f"{name}_batch_norm"
+                    suffix = 2
+                    while norm_name in taken:
+                        norm_name, suffix = f"{name}_batch_norm{suffix}", suffix + 1
+                    rebuilt[norm_name] = norm
                     new_params.extend(norm.parameters())
                     full = f"{parent_name}.{name}".lstrip(".")
-                    record.changed.append(f"{full}: {type(norm).__name__} inserted after it")
+                    record.changed.append(
+                        f"{full}: {type(norm).__name__} inserted after it as {norm_name}"
+                    )
                     inserted = True
             if inserted:
                 record.replace_children(parent, rebuilt)

@@ -87,6 +87,8 @@ class UnitFlow:
     producer: str
     consumers: list[tuple[str, str, int]] = field(default_factory=list)  # name, kind, block
     escapes: list[str] = field(default_factory=list)
+    #: What the producing layer received in the traced forward (its first call).
+    producer_input: torch.Tensor | None = None
 
 
 class _FlowTracer(TorchFunctionMode):
@@ -213,6 +215,9 @@ def trace_unit_flow(
             if isinstance(out, torch.Tensor):
                 dim = unit_dim if unit_dim is not None else out.dim() - 1
                 tracer.tag(out, _Lineage(name, dim, 1))
+                flow = tracer.flows[name]
+                if flow.producer_input is None and inputs and isinstance(inputs[0], torch.Tensor):
+                    flow.producer_input = inputs[0]
 
         handles.append(modules[name].register_forward_hook(tag))
     training = {m: m.training for m in model.modules()}
@@ -242,7 +247,8 @@ def revive_units(
     max_units: int | None = None,
 ) -> RemedyRecord:
     """Recycle the dead units (with ``dormant``, the dormant ones too) that ``source`` found:
-    fresh He-normal incoming weights and zero bias, zero outgoing weights, and the optimizer's
+    fresh He-normal incoming weights (scaled to a unit-std pre-activation on the example)
+    and zero bias, zero outgoing weights, and the optimizer's
     state for those rows and columns reset. The network's outputs are unchanged.
 
     ``source`` is a :class:`~reludoctor.Report` (then pass ``example``, one input batch, to
@@ -313,8 +319,10 @@ def revive_units(
     with applying(record), torch.no_grad():
         # every row first, then every column: a layer that both feeds and reads revived
         # units ends with zero weights from them
-        for _, producer_name, units, _ in chosen:
-            _reinitialise_rows(modules[producer_name], units, optimizer, record)
+        for _, producer_name, units, flow in chosen:
+            _reinitialise_rows(
+                modules[producer_name], units, optimizer, record, flow.producer_input
+            )
         for layer, producer_name, units, flow in chosen:
             for consumer, _kind, block in flow.consumers:
                 _zero_columns(modules[consumer], units, block, optimizer, record)
@@ -356,15 +364,36 @@ def _optimizer_buffers(
     return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
 
 
+def _fresh_weights(layer: nn.Module, inputs: torch.Tensor | None) -> torch.Tensor:
+    """He-normal weights for ``layer``, each row scaled so that on ``inputs`` (what the layer
+    received in the traced forward) its pre-activation has unit std - what He initialisation
+    gives on unit-scale inputs. In a network whose activations drifted far from unit scale
+    this keeps a revived unit's first updates in line with a fresh network's."""
+    fresh = torch.empty_like(layer.weight)
+    nn.init.kaiming_normal_(fresh, nonlinearity="relu")
+    if inputs is None:
+        return fresh
+    if isinstance(layer, nn.Linear):
+        pre = torch.nn.functional.linear(inputs, fresh).flatten(0, -2)
+        std = pre.std(0) if pre.shape[0] > 1 else None
+    else:
+        pre = layer._conv_forward(inputs, fresh, None)  # type: ignore[operator]
+        std = pre.transpose(0, 1).flatten(1).std(1) if pre[:, 0].numel() > 1 else None
+    if std is None or not torch.isfinite(std).all():
+        return fresh
+    scale = torch.where(std > 0, 1.0 / std, torch.ones_like(std))
+    return fresh * scale.view(-1, *([1] * (fresh.dim() - 1)))
+
+
 def _reinitialise_rows(
     layer: nn.Module,
     units: list[int],
     optimizer: torch.optim.Optimizer | None,
     record: RemedyRecord,
+    inputs: torch.Tensor | None = None,
 ) -> None:
     index = torch.tensor(units, device=layer.weight.device)
-    fresh = torch.empty_like(layer.weight)
-    nn.init.kaiming_normal_(fresh, nonlinearity="relu")
+    fresh = _fresh_weights(layer, inputs)
     for tensor in [layer.weight, *_optimizer_buffers(optimizer, layer.weight)]:
         record.save_tensor(tensor)
     layer.weight.index_copy_(0, index, fresh.index_select(0, index))
