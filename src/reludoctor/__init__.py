@@ -11,6 +11,7 @@ from reludoctor.monitor import Monitor, watch
 from reludoctor.report.model import LayerReport, Report, Window, WindowLayer
 from reludoctor.rules import Thresholds
 from reludoctor.scan import scan
+from reludoctor.treat import Treatment, treat
 
 __version__ = "0.1.0"
 
@@ -20,9 +21,11 @@ __all__ = [
     "Monitor",
     "Report",
     "Thresholds",
+    "Treatment",
     "Window",
     "WindowLayer",
     "__version__",
     "scan",
+    "treat",
     "watch",
 ]

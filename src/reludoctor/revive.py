@@ -365,10 +365,10 @@ def _optimizer_buffers(
 
 
 def _fresh_weights(layer: nn.Module, inputs: torch.Tensor | None) -> torch.Tensor:
-    """He-normal weights for ``layer``, each row scaled so that on ``inputs`` (what the layer
-    received in the traced forward) its pre-activation has unit std - what He initialisation
-    gives on unit-scale inputs. In a network whose activations drifted far from unit scale
-    this keeps a revived unit's first updates in line with a fresh network's."""
+    """He-normal weights for ``layer``; rows whose pre-activation on ``inputs`` (what the layer
+    received in the traced forward) has a std above 1 are scaled down to 1 - what He
+    initialisation gives on unit-scale inputs. In a network whose activations grew far beyond
+    unit scale this keeps a revived unit's first updates from blowing up."""
     fresh = torch.empty_like(layer.weight)
     nn.init.kaiming_normal_(fresh, nonlinearity="relu")
     if inputs is None:
@@ -381,7 +381,8 @@ def _fresh_weights(layer: nn.Module, inputs: torch.Tensor | None) -> torch.Tenso
         std = pre.transpose(0, 1).flatten(1).std(1) if pre[:, 0].numel() > 1 else None
     if std is None or not torch.isfinite(std).all():
         return fresh
-    scale = torch.where(std > 0, 1.0 / std, torch.ones_like(std))
+    # only ever shrink: amplifying rows fed by a vanishing signal would blow up its noise
+    scale = torch.where(std > 1, 1.0 / std, torch.ones_like(std))
     return fresh * scale.view(-1, *([1] * (fresh.dim() - 1)))
 
 

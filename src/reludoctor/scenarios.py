@@ -385,7 +385,8 @@ class DeepPlain(Scenario):
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         x = torch.randn(self.samples, 16, generator=generator)
-        y = torch.randint(0, 4, (self.samples,), generator=generator)
+        teacher = torch.randn(16, 4, generator=generator)
+        y = (x @ teacher).argmax(1)  # learnable: a fixed linear teacher's choice
         model = mlp([16] + [self.width] * self.depth + [4])
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
         train, val = _split(x, y, 0.8)
