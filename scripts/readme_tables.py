@@ -2,6 +2,7 @@
 
     python scripts/readme_tables.py            # scenario outcomes (about 20 s)
     python scripts/readme_tables.py --study    # also the study grid (about 3 minutes)
+    python scripts/readme_tables.py --treat    # also rd.treat and live revival (about 30 s)
     python scripts/readme_tables.py --check    # exit 1 when the scenario table is stale
 
 Each table lives in README.md between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``.
@@ -19,8 +20,12 @@ from pathlib import Path
 import torch
 
 from reludoctor.monitor import silenced_live_findings
-from reludoctor.scenarios import SCENARIOS
+from reludoctor.scenarios import SCENARIOS, HighLearningRate
 from reludoctor.study import StudyResult, run_study
+from reludoctor.treat import treat
+
+#: Steps each remedy trains for in the treatment table (E4's own run is 50 steps).
+TREAT_STEPS = {"e4": 50}
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -76,6 +81,58 @@ def study_table(result: StudyResult) -> str:
     return "\n".join(rows)
 
 
+def treatment_table() -> str:
+    """rd.treat on every scenario: the top remedy against the untreated copy."""
+    torch.set_num_threads(2)
+    rows = [
+        "| scenario | steps | untreated loss | worst layer dead, untreated | top remedy | its loss "
+        "| worst layer dead, treated |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, scenario_type in SCENARIOS.items():
+        scenario = scenario_type(**({"samples": 20_000} if key == "e1" else {}))
+        setup = scenario.build()
+        x, y = setup.train
+        size = scenario.batch_size
+        batches = list(zip(x.split(size), y.split(size), strict=True))
+        steps = TREAT_STEPS.get(key, 200)
+        with silenced_live_findings():
+            result = treat(setup.model, setup.optimizer, batches, setup.loss_fn, steps=steps)
+        winner = result.winner
+        untreated_dead = f"{result.untreated_worst_dead_fraction:.0%}"
+        if winner is None:
+            remedy, loss, dead = "none recommended", "-", "-"
+        else:
+            options = "".join(f" /{v:g}" for v in winner.options.values())
+            remedy = f"`{winner.remedy}`{options}"
+            loss = f"{winner.loss:.3g}"
+            dead = f"{winner.worst_dead_fraction:.0%}"
+        rows.append(
+            f"| {key} | {steps} | {result.untreated_loss:.3g} | {untreated_dead} | {remedy} "
+            f"| {loss} | {dead} |"
+        )
+    return "\n".join(rows)
+
+
+def revival_table() -> str:
+    """E4 with and without live revival: final loss and the alive share of its layers."""
+    rows = [
+        "| E4 run | final train loss | validation loss | alive at the end |",
+        "|---|---|---|---|",
+    ]
+    for revive in (False, True):
+        with silenced_live_findings():
+            result = HighLearningRate().run(**({"revive": True} if revive else {}))
+        assert result.report is not None
+        layers = result.report.layers
+        alive = 1 - sum(lay.dead for lay in layers) / sum(lay.units for lay in layers)
+        label = "with `revive=True`" if revive else "without revival"
+        rows.append(
+            f"| {label} | {result.train_loss[-1]:.3g} | {result.val_loss[-1]:.3g} | {alive:.0%} |"
+        )
+    return "\n".join(rows)
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     """``text`` with the section ``name`` replaced by ``body``."""
     pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.DOTALL)
@@ -93,6 +150,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail when the table is stale")
     parser.add_argument("--study", action="store_true", help="also run and write the study")
+    parser.add_argument("--treat", action="store_true", help="also rd.treat and live revival")
     args = parser.parse_args()
     text = README.read_text()
     table = scenario_table()
@@ -104,6 +162,9 @@ def main() -> int:
     text = replace_section(text, "scenario-outcomes", table)
     if args.study:
         text = replace_section(text, "study", study_table(run_study()))
+    if args.treat:
+        text = replace_section(text, "treatment", treatment_table())
+        text = replace_section(text, "revival", revival_table())
     README.write_text(text)
     return 0
 

@@ -105,3 +105,13 @@ def test_demo_runs_end_to_end_and_finds_the_dead_layer(tmp_path):
     assert not report.healthy
     flat = report.meta["train_loss"]
     assert flat[0] == pytest.approx(flat[-1])
+
+
+def test_demo_treat_shows_each_remedy_against_the_untreated_copy(tmp_path):
+    args = ["demo", "--out", str(tmp_path), "--epochs", "1", "--samples", "20000"]
+    result = runner.invoke(app, [*args, "--treat", "--treat-steps", "200"])
+    assert result.exit_code == 0, result.output
+    assert "Treatment: each remedy on a copy, 200 steps" in result.output
+    assert "untreated" in result.output and "batch_norm" in result.output
+    assert "* recommended:" in result.output
+    assert "not tried (they need changes to your data or code): normalize_inputs" in result.output

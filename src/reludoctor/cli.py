@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reludoctor.errors import InputError
 from reludoctor.monitor import silenced_live_findings
-from reludoctor.report.console import print_study, print_summary
+from reludoctor.report.console import print_study, print_summary, print_treatment
 from reludoctor.report.model import Report
 
 app = typer.Typer(
@@ -58,6 +58,10 @@ def demo(
     samples: Annotated[int, typer.Option(min=100, help="Samples of the data set.")] = 200_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the summary.")] = False,
+    treat: Annotated[
+        bool, typer.Option("--treat", help="Then try the ranked remedies on copies (rd.treat).")
+    ] = False,
+    treat_steps: Annotated[int, typer.Option(min=1, help="Training steps per remedy.")] = 500,
 ) -> None:
     """Reproduce "Is ReLU Dead?" (inputs uniform in (-1, 0), one ReLU layer) and diagnose it."""
     from reludoctor.scenarios import IsReluDead
@@ -89,6 +93,23 @@ def demo(
             console.print(f"seen while training: {', '.join(dict.fromkeys(live))}")
     print_summary(report, console)
     console.print(f"report: {path}")
+    if treat:
+        _demo_treatment(scenario, report, treat_steps, console)
+
+
+def _demo_treatment(scenario: Any, report: Report, steps: int, console: Console) -> None:
+    """Before/after on a fresh copy of the demo's setup: each remedy the diagnosis ranks."""
+    import reludoctor
+
+    setup = scenario.build()
+    x, y = setup.train
+    batches = list(zip(x.split(scenario.batch_size), y.split(scenario.batch_size), strict=True))
+    with _progress(console, False) as progress:
+        progress.add_task("trying remedies", total=None)
+        treatment = reludoctor.treat(
+            setup.model, setup.optimizer, batches, setup.loss_fn, steps=steps, report=report
+        )
+    print_treatment(treatment, console)
 
 
 @app.command()

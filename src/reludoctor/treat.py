@@ -116,6 +116,7 @@ class Treatment:
     candidates: list[str]
     trials: list[Trial]
     not_tried: list[str] = field(default_factory=list)
+    untreated_worst_dead_fraction: float | None = None
 
     @property
     def ranking(self) -> list[Trial]:
@@ -150,6 +151,7 @@ class Treatment:
             "steps": self.steps,
             "untreated_loss": self.untreated_loss,
             "untreated_alive_fraction": self.untreated_alive_fraction,
+            "untreated_worst_dead_fraction": self.untreated_worst_dead_fraction,
             "candidates": self.candidates,
             "not_tried": self.not_tried,
             "trials": [t.to_dict() for t in self.trials],
@@ -204,7 +206,15 @@ def treat(
             trials.append(
                 _trial(code, options, model, optimizer, kept, loss_fn, steps, untreated_loss)
             )
-    return Treatment(steps, untreated_loss, untreated_alive, candidates, trials, not_tried)
+    return Treatment(
+        steps,
+        untreated_loss,
+        untreated_alive,
+        candidates,
+        trials,
+        not_tried,
+        _worst_dead_fraction(untreated_report),
+    )
 
 
 def _trial(

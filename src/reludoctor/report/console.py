@@ -14,6 +14,7 @@ from reludoctor.report.model import Report
 
 if TYPE_CHECKING:
     from reludoctor.study import StudyResult
+    from reludoctor.treat import Treatment
 
 #: Consoles at least this wide get the study table's R^2 and diagnosis columns.
 STUDY_WIDE = 110
@@ -152,3 +153,66 @@ def print_study(result: StudyResult, console: Console | None = None, quiet: bool
         console.print(Text("* Where the measurement disagrees with the article", style="bold"))
         for line in disagreements:
             console.print(Text(f"  - {line}"))
+
+
+def treatment_table(treatment: Treatment) -> Table:
+    """Each remedy tried against the untreated copy: loss reached, alive share, worst layer."""
+    table = Table(
+        title=f"Treatment: each remedy on a copy, {treatment.steps} steps",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for column in ("remedy", "loss", "change", "alive", "worst layer dead"):
+        table.add_column(column, justify="left" if column == "remedy" else "right")
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else _percent(value)
+
+    table.add_row(
+        "untreated",
+        f"{treatment.untreated_loss:.4g}",
+        "",
+        share(treatment.untreated_alive_fraction),
+        "",
+    )
+    winner = treatment.winner
+    for trial in treatment.trials:
+        options = ", ".join(f"{k} {v:g}" for k, v in trial.options.items())
+        name = trial.remedy + (f" ({options})" if options else "")
+        if trial.error is not None:
+            table.add_row(Text(name), "-", Text(trial.error), "", "", style="dim")
+            continue
+        loss = "nan" if trial.loss is None else f"{trial.loss:.4g}"
+        change = "-" if trial.improvement is None else f"{-trial.improvement:+.0%}"
+        table.add_row(
+            Text(name + (" *" if trial is winner else "")),
+            loss,
+            change,
+            share(trial.alive_fraction),
+            share(trial.worst_dead_fraction),
+            style="bold green" if trial is winner else "",
+        )
+    return table
+
+
+def print_treatment(treatment: Treatment, console: Console | None = None) -> None:
+    """Print the treatment table and which remedy won (or that none did)."""
+    console = console or Console()
+    console.print(treatment_table(treatment))
+    winner = treatment.winner
+    if winner is None:
+        console.print("no remedy lowered the loss: nothing to recommend")
+    else:
+        console.print(
+            f"* recommended: {winner.remedy} - {REMEDIES.get(winner.remedy, winner.remedy)} "
+            f"(loss {-(winner.improvement or 0):+.0%} against the untreated copy)"
+        )
+    if treatment.not_tried:
+        console.print(
+            Text(
+                "not tried (they need changes to your data or code): "
+                + ", ".join(treatment.not_tried),
+                style="dim",
+            )
+        )
