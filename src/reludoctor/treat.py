@@ -9,7 +9,7 @@
 >>> treatment = rd.treat(setup.model, setup.optimizer, batches, F.mse_loss, steps=50)
 >>> treatment.winner.remedy
 'revive_units'
->>> float(setup.model[0].weight.abs().sum())  # untouched until applied
+>>> float(setup.model[0].weight.detach().abs().sum())  # untouched until applied
 0.0
 >>> record = treatment.apply(setup.model, setup.optimizer, example=x[:32])
 """
