@@ -31,6 +31,7 @@ from torch import nn
 from reludoctor.errors import InputError
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Layers whose rows are units (Linear, Conv): what remedies and revival act on.
 _WEIGHTED = (nn.Linear, *_CONV)
 
 #: Activations a ReLU can be swapped for, with PyTorch's defaults.

@@ -39,14 +39,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from reludoctor.remedies import RemedyError, RemedyRecord, applying
+from reludoctor.remedies import _CONV, _WEIGHTED, RemedyError, RemedyRecord, applying
 from reludoctor.report.model import LayerReport, Report
 
 if TYPE_CHECKING:
     from reludoctor.monitor import Monitor
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_WEIGHTED = (nn.Linear, *_CONV)
 
 #: Functions that act on each unit separately (element-wise, or per channel): a unit's values
 #: stay its own through them.
