@@ -92,9 +92,7 @@ def treatment_table() -> str:
     for key, scenario_type in SCENARIOS.items():
         scenario = scenario_type(**({"samples": 20_000} if key == "e1" else {}))
         setup = scenario.build()
-        x, y = setup.train
-        size = scenario.batch_size
-        batches = list(zip(x.split(size), y.split(size), strict=True))
+        batches = setup.batches(scenario.batch_size)
         steps = TREAT_STEPS.get(key, 200)
         with silenced_live_findings():
             result = treat(setup.model, setup.optimizer, batches, setup.loss_fn, steps=steps)

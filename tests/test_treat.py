@@ -16,8 +16,7 @@ from reludoctor.scenarios import SCENARIOS, IsReluDead
 def scenario_batches(key):
     scenario = SCENARIOS[key](**({"samples": 20_000} if key == "e1" else {}))
     setup = scenario.build()
-    x, y = setup.train
-    return setup, list(zip(x.split(scenario.batch_size), y.split(scenario.batch_size), strict=True))
+    return setup, setup.batches(scenario.batch_size)
 
 
 def snapshot(setup):
@@ -52,8 +51,7 @@ def test_healthy_controls_get_no_recommendation(key):
 
 def test_apply_puts_the_winner_on_the_users_model():
     setup = IsReluDead(samples=20_000).build()
-    x, y = setup.train
-    batches = list(zip(x.split(256), y.split(256), strict=True))
+    batches = setup.batches(256)
     treatment = rd.treat(setup.model, setup.optimizer, batches, setup.loss_fn, steps=100)
     assert treatment.winner.remedy == "batch_norm"
     record = treatment.apply(setup.model, setup.optimizer)

@@ -102,8 +102,7 @@ def _demo_treatment(scenario: Any, report: Report, steps: int, console: Console)
     import reludoctor
 
     setup = scenario.build()
-    x, y = setup.train
-    batches = list(zip(x.split(scenario.batch_size), y.split(scenario.batch_size), strict=True))
+    batches = setup.batches(scenario.batch_size)
     with _progress(console, False) as progress:
         progress.add_task("trying remedies", total=None)
         treatment = reludoctor.treat(

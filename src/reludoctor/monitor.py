@@ -17,7 +17,7 @@ from torch import nn
 from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
 from reludoctor.findings import Finding
 from reludoctor.probes import Probes
-from reludoctor.report.model import Report, Window
+from reludoctor.report.model import LayerReport, Report, Window
 from reludoctor.revive import revive_units
 from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
 from reludoctor.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
@@ -130,8 +130,7 @@ class Monitor:
         example = self.example_input
         if example is None or self.probes is None:
             return
-        _, snapshots = self.tracker.open_window()
-        layers = self.tracker.layer_reports(snapshots)
+        layers = self.layer_reports()
         if not any(layer.dead and layer.can_die for layer in layers):
             return
         counting, self.probes.count_eval = self.probes.count_eval, False
@@ -156,6 +155,12 @@ class Monitor:
                 window.end_step,
                 ", ".join(f"{len(u)} units of {name}" for name, u in revived.items()),
             )
+
+    def layer_reports(self) -> list[LayerReport]:
+        """Per-layer summaries over the last closed window and the open one (what
+        :meth:`report` holds), without running the rules."""
+        _, snapshots = self.tracker.open_window()
+        return self.tracker.layer_reports(snapshots)
 
     @property
     def example_input(self) -> torch.Tensor | None:

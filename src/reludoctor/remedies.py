@@ -259,13 +259,19 @@ def lecun_init(model: nn.Module, *, distribution: str = "normal") -> RemedyRecor
     def initialise(name: str, layer: nn.Module, activation: nn.Module) -> str:
         fan_in = nn.init._calculate_fan_in_and_fan_out(layer.weight)[0]
         if distribution == "normal":
-            nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(fan_in))
+            _lecun_normal_(layer.weight)
         else:
             limit = math.sqrt(3.0 / fan_in)
             nn.init.uniform_(layer.weight, -limit, limit)
         return f"LeCun {distribution}"
 
     return _init_weights(model, "lecun_init", initialise)
+
+
+def _lecun_normal_(weight: torch.Tensor) -> None:
+    """Normal weights with std ``1/sqrt(fan_in)`` (what SELU needs), in place."""
+    fan_in = nn.init._calculate_fan_in_and_fan_out(weight)[0]
+    nn.init.normal_(weight, 0.0, 1.0 / math.sqrt(fan_in))
 
 
 def swap_activation(
@@ -337,8 +343,7 @@ def _selu_companions(model: nn.Module, record: RemedyRecord) -> None:
         _require_trainable(name, layer, "swap_activation(to='selu')")
         with torch.no_grad():
             record.save_tensor(layer.weight)
-            fan_in = nn.init._calculate_fan_in_and_fan_out(layer.weight)[0]
-            nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(fan_in))
+            _lecun_normal_(layer.weight)
             if layer.bias is not None:
                 record.save_tensor(layer.bias)
                 nn.init.zeros_(layer.bias)

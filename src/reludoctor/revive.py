@@ -252,8 +252,9 @@ def revive_units(
     trace where the units go) or a watching :class:`~reludoctor.Monitor` (it keeps rows of the
     first input). ``max_units`` caps how many units are revived (the deadest layers first).
     """
-    if hasattr(source, "report") and callable(source.report):
-        report = source.report()  # type: ignore[union-attr]
+    if hasattr(source, "layer_reports") and callable(source.layer_reports):
+        # a Monitor: its layer summaries are all revival needs, the rules need not run
+        report = Report(layers=source.layer_reports(), windows=[], findings=[])  # type: ignore[union-attr]
         example = example if example is not None else getattr(source, "example_input", None)
     elif isinstance(source, Report):
         report = source

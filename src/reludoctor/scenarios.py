@@ -39,6 +39,11 @@ class Setup:
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
 
+    def batches(self, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The training split as (inputs, targets) batches of ``size``, in order."""
+        x, y = self.train
+        return list(zip(x.split(size), y.split(size), strict=True))
+
 
 @dataclass
 class RunResult:

@@ -290,9 +290,7 @@ def _measure(
 ) -> _Run:
     report = result.report
     assert report is not None
-    relu_layers = [layer for layer in report.layers if layer.kind in ("relu", "relu6")]
-    units = sum(layer.units for layer in relu_layers)
-    dead = sum(layer.dead for layer in relu_layers) / units if units else None
+    dead = report.mortal_dead_fraction()
     r2 = 1.0 - result.val_loss[-1] / float(val[1].var())
     return _Run(
         train_loss=result.train_loss[-1],

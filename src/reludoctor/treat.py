@@ -4,14 +4,13 @@
 >>> import reludoctor as rd
 >>> from reludoctor.scenarios import ZeroInit
 >>> setup = ZeroInit().build()
->>> x, y = setup.train
->>> batches = list(zip(x.split(32), y.split(32), strict=True))
+>>> batches = setup.batches(32)
 >>> treatment = rd.treat(setup.model, setup.optimizer, batches, F.mse_loss, steps=50)
 >>> treatment.winner.remedy
 'revive_units'
 >>> float(setup.model[0].weight.detach().abs().sum())  # untouched until applied
 0.0
->>> record = treatment.apply(setup.model, setup.optimizer, example=x[:32])
+>>> record = treatment.apply(setup.model, setup.optimizer, example=batches[0][0])
 """
 
 from __future__ import annotations
@@ -301,7 +300,6 @@ def _train(
         report = doc.report()
     tail = torch.stack(losses[-max(1, int(steps * FINAL_SHARE)) :]).float()
     final = float(tail.mean())
-    mortal = [layer for layer in report.layers if layer.can_die]
-    units = sum(layer.units for layer in mortal)
-    alive = 1 - sum(layer.dead for layer in mortal) / units if units else None
+    dead = report.mortal_dead_fraction()
+    alive = None if dead is None else 1 - dead
     return final, alive, report

@@ -107,12 +107,13 @@ def study_table(result: StudyResult, wide: bool = True) -> Table:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
-    numbers = ["train", "val", "R^2", "dead", "grad L1"] if wide else ["train", "val", "dead"]
+    columns = ["train", "val", "R^2", "dead", "grad L1", "diagnosis", "verdict", "article"]
+    if not wide:
+        columns = [c for c in columns if c not in ("R^2", "diagnosis")]
     table.add_column("variant")
-    for column in numbers if wide else [*numbers, "grad L1"]:
-        table.add_column(column, justify="right", no_wrap=True)
-    for column in ("diagnosis", "verdict", "article") if wide else ("verdict", "article"):
-        table.add_column(column)
+    for column in columns:
+        numeric = column in ("train", "val", "R^2", "dead", "grad L1")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric)
     for o in result.outcomes:
         cells = {
             "train": f"{o.train_loss:.3g}",
@@ -124,8 +125,7 @@ def study_table(result: StudyResult, wide: bool = True) -> Table:
             "verdict": o.verdict + (" *" if o.agrees is False else ""),
             "article": o.article or "-",
         }
-        columns = [c.header for c in table.columns[1:]]
-        table.add_row(Text(o.label), *(cells[str(c)] for c in columns))
+        table.add_row(Text(o.label), *(cells[c] for c in columns))
     return table
 
 

@@ -144,6 +144,12 @@ class Report:
         known = ", ".join(repr(layer.name) for layer in self.layers) or "none"
         raise KeyError(f"no layer named {name!r} in this report; layers: {known}")
 
+    def mortal_dead_fraction(self) -> float | None:
+        """Dead units over all units of the layers whose units can die (None: no such layer)."""
+        mortal = [layer for layer in self.layers if layer.can_die]
+        units = sum(layer.units for layer in mortal)
+        return sum(layer.dead for layer in mortal) / units if units else None
+
     def worst_layers(self, n: int | None = None) -> list[LayerReport]:
         """Layers by dead fraction, worst first (ties: more dead units first); layers whose
         activation passes a gradient below 0 (their units cannot die) come last."""
