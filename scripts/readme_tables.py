@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from reludoctor.monitor import silenced_live_findings
+from reludoctor.report.model import Window
 from reludoctor.scenarios import SCENARIOS, HighLearningRate
 from reludoctor.study import StudyResult, run_study
 from reludoctor.treat import treat
@@ -112,23 +113,47 @@ def treatment_table() -> str:
     return "\n".join(rows)
 
 
+#: Seeds of E4 in the live-revival table.
+REVIVAL_SEEDS = range(5)
+
+
 def revival_table() -> str:
-    """E4 with and without live revival: final loss and the alive share of its layers."""
+    """E4 with and without live revival, per seed: the loss over the last window, the
+    validation loss and the alive share at the end, and what revival did."""
     rows = [
-        "| E4 run | final train loss | validation loss | alive at the end |",
-        "|---|---|---|---|",
+        "| seed | without revival: last-window loss | validation | alive "
+        "| with `revive=True`: last-window loss | validation | alive | revival's actions |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for revive in (False, True):
-        with silenced_live_findings():
-            result = HighLearningRate().run(**({"revive": True} if revive else {}))
-        assert result.report is not None
-        layers = result.report.layers
-        alive = 1 - sum(lay.dead for lay in layers) / sum(lay.units for lay in layers)
-        label = "with `revive=True`" if revive else "without revival"
-        rows.append(
-            f"| {label} | {result.train_loss[-1]:.3g} | {result.val_loss[-1]:.3g} | {alive:.0%} |"
+    for seed in REVIVAL_SEEDS:
+        cells = [str(seed)]
+        for revive in (False, True):
+            with silenced_live_findings():
+                result = HighLearningRate(seed=seed).run(revive=revive)
+            report = result.report
+            assert report is not None
+            dead = report.mortal_dead_fraction() or 0.0
+            cells += [
+                _window_loss(report.windows[-1]),
+                f"{result.val_loss[-1]:.3g}",
+                f"{1 - dead:.0%}",
+            ]
+        actions = report.meta.get("revivals", [])
+        cells.append(
+            ", ".join(f"{a['action']} at {a['step']}" for a in actions if _acted(a)) or "none"
         )
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _window_loss(window: Window) -> str:
+    if window.loss_nonfinite or window.loss_mean is None:
+        return "inf/NaN"
+    return f"{window.loss_mean:.3g}"
+
+
+def _acted(action: dict) -> bool:
+    return action["action"] == "rewind" or bool(action.get("revived"))
 
 
 def replace_section(text: str, name: str, body: str) -> str:

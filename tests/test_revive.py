@@ -11,8 +11,10 @@ from conftest import plant_dead
 from torch import nn
 
 import reludoctor as rd
+from reludoctor.monitor import silenced_live_findings
 from reludoctor.remedies import RemedyError
 from reludoctor.revive import revive_units, trace_unit_flow
+from reludoctor.scenarios import HighLearningRate
 
 
 def adam_steps(model, opt, x, steps=3, doc=None):
@@ -203,3 +205,92 @@ def test_live_revival_is_capped_and_needs_the_optimizer():
     assert revived[0] == 2 and all(n <= 2 for n in revived) and sum(revived) == 5
     with pytest.raises(ValueError, match="needs optimizer="):
         rd.watch(model, revive=True)
+
+
+def healthy_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_live_revival_rewinds_a_diverged_run_to_the_last_stable_window(caplog):
+    model = healthy_mlp()
+    x = torch.randn(64, 6)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with (
+        caplog.at_level("WARNING", logger="reludoctor"),
+        rd.watch(model, optimizer=opt, window=2, revive=True) as doc,
+    ):
+        adam_steps(model, opt, x, steps=2, doc=doc)  # a stable window: its state is kept
+        stable = copy.deepcopy(model.state_dict())
+        stable_moments = {n: opt.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
+        poisoned = x.clone()
+        poisoned[0, 0] = float("nan")
+        adam_steps(model, opt, poisoned, steps=2, doc=doc)  # NaN loss: weights become NaN
+    assert doc.revivals[-1]["action"] == "rewind"
+    assert doc.revivals[-1]["rewound_to"] == 2
+    assert doc.revivals[-1]["learning_rates"] == {"before": [1e-2], "after": [1e-3]}
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, stable[name]), name
+    for name, p in model.named_parameters():
+        assert torch.equal(opt.state[p]["exp_avg"], stable_moments[name]), name
+    assert "rewound model and optimizer to step 2" in caplog.text
+    assert "1e-02 -> 0.001" in caplog.text or "0.01 -> 0.001" in caplog.text
+
+
+def test_live_revival_without_rewinding_leaves_a_diverged_run_alone():
+    model = healthy_mlp()
+    x = torch.randn(64, 6)
+    x[0, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with rd.watch(model, optimizer=opt, window=2, revive=True, rewind_lr_factor=None) as doc:
+        adam_steps(model, opt, x, steps=4, doc=doc)
+    assert all(entry["action"] != "rewind" for entry in doc.revivals)
+    assert opt.param_groups[0]["lr"] == 1e-2
+    assert torch.isnan(model[0].weight).any()
+
+
+@pytest.mark.parametrize("factor", [1, 0.5, True, "10"])
+def test_rewind_lr_factor_must_be_above_one(factor):
+    model = healthy_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="rewind_lr_factor must be a number > 1"):
+        rd.watch(model, optimizer=opt, revive=True, rewind_lr_factor=factor)
+
+
+def test_a_rewind_that_cannot_load_the_kept_state_changes_nothing(caplog):
+    model = healthy_mlp()
+    x = torch.randn(64, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with (
+        caplog.at_level("WARNING", logger="reludoctor"),
+        rd.watch(model, optimizer=opt, window=2, revive=True) as doc,
+    ):
+        adam_steps(model, opt, x, steps=2, doc=doc)
+        extra = nn.Parameter(torch.zeros(3))
+        opt.add_param_group({"params": [extra], "lr": 1.0})  # the kept state has one group
+        x[0, 0] = float("nan")
+        adam_steps(model, opt, x, steps=1, doc=doc)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        diverged = copy.deepcopy(model.state_dict())
+        doc.step(loss=loss)  # closes the window: the rewind fails
+    assert all(entry["action"] != "rewind" for entry in doc.revivals)
+    assert [group["lr"] for group in opt.param_groups] == [1e-2, 1.0]
+    assert "could not rewind to step 2" in caplog.text
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, diverged[name], equal_nan=True, rtol=0, atol=0)
+
+
+def test_live_revival_keeps_the_high_learning_rate_scenario_alive_and_lowers_its_loss():
+    with silenced_live_findings():
+        plain = HighLearningRate().run()
+        revived = HighLearningRate().run(revive=True)
+    assert plain.report is not None and revived.report is not None
+    assert 1 - revived.report.mortal_dead_fraction() >= 0.9
+    assert 1 - plain.report.mortal_dead_fraction() < 0.9
+    assert revived.report.windows[-1].loss_mean < plain.report.windows[-1].loss_mean
+    assert revived.val_loss[-1] < plain.val_loss[-1]
+    assert [a["action"] for a in revived.report.meta["revivals"]][:1] == ["rewind"]

@@ -16,9 +16,9 @@ from torch import nn
 
 from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
 from reludoctor.findings import Finding
+from reludoctor.live_revival import LiveRevival
 from reludoctor.probes import Probes
 from reludoctor.report.model import LayerReport, Report, Window
-from reludoctor.revive import revive_units
 from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
 from reludoctor.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
 
@@ -27,6 +27,8 @@ DEFAULT_SAMPLE_EVERY = 10
 #: Most units live revival recycles at one window's end (the deadest layers first): a cap
 #: keeps one bad window from re-initialising a whole network.
 DEFAULT_REVIVE_CAP = 128
+#: With live revival, the learning rate is divided by this when it killed units.
+DEFAULT_REWIND_LR_FACTOR = 10.0
 
 logger = logging.getLogger("reludoctor")
 
@@ -76,6 +78,7 @@ class Monitor:
         on_finding: Callable[[Finding], None] | None = None,
         revive: bool = False,
         revive_cap: int = DEFAULT_REVIVE_CAP,
+        rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
     ) -> None:
         self.model = _require_module(model, "rd.watch")
         if revive and optimizer is None:
@@ -83,9 +86,7 @@ class Monitor:
                 "rd.watch(revive=True) needs optimizer=: reviving units resets the optimizer's "
                 "state for them"
             )
-        self.revive_cap = _positive_int(revive_cap, "revive_cap")
-        #: One entry per window end at which live revival acted: step, revived units, skips.
-        self.revivals: list[dict[str, Any]] = []
+        revive_cap = _positive_int(revive_cap, "revive_cap")
         self.thresholds = thresholds or Thresholds()
         self.optimizer = optimizer
         self.on_finding = on_finding
@@ -99,8 +100,19 @@ class Monitor:
         )
         self.tracker.learning_rate = self._learning_rate
         self.tracker.on_window.append(self._announce_findings)
+        self.revival: LiveRevival | None = None
         if revive:
-            self.tracker.on_window.append(self._revive_dead_units)
+            self.revival = LiveRevival(
+                model,
+                optimizer,
+                cap=revive_cap,
+                lr_factor=rewind_lr_factor,
+                thresholds=self.thresholds,
+                observations=self._observations,
+                example=lambda: self.example_input,
+                counting_off=self._not_counting,
+            )
+            self.tracker.on_window.append(self.revival)
         if on_window is not None:
             self.tracker.on_window.append(on_window)
         self.count_eval = count_eval
@@ -125,36 +137,24 @@ class Monitor:
         facts = read_optimizer_facts(self.optimizer) if self.optimizer is not None else None
         return max(facts.learning_rates) if facts and facts.learning_rates else None
 
-    def _revive_dead_units(self, window: Window) -> None:
-        """Live revival: recycle the units that were dead over the window just closed."""
-        example = self.example_input
-        if example is None or self.probes is None:
+    @property
+    def revivals(self) -> list[dict[str, Any]]:
+        """What live revival did: one entry per window end at which it acted (``action``
+        "revive" with the units per layer, or "rewind" with the step and learning rates)."""
+        return self.revival.actions if self.revival is not None else []
+
+    @contextlib.contextmanager
+    def _not_counting(self) -> Iterator[None]:
+        """Forwards inside are not counted (revival's own eval forward)."""
+        if self.probes is None:
+            yield
             return
-        layers = self.layer_reports()
-        if not any(layer.dead and layer.can_die for layer in layers):
-            return
-        counting, self.probes.count_eval = self.probes.count_eval, False
+        probes, counting = self.probes, self.probes.count_eval
+        probes.count_eval = False
         try:
-            record = revive_units(
-                self.model,
-                Report(layers=layers, windows=[], findings=[]),
-                self.optimizer,
-                example=example,
-                max_units=self.revive_cap,
-            )
+            yield
         finally:
-            self.probes.count_eval = counting
-        revived = record.details["revived"]
-        entry = {"step": window.end_step, "window": window.index, "revived": revived}
-        if record.skipped:
-            entry["skipped"] = record.skipped
-        self.revivals.append(entry)
-        if revived:
-            logger.info(
-                "reludoctor at step %d: revived %s",
-                window.end_step,
-                ", ".join(f"{len(u)} units of {name}" for name, u in revived.items()),
-            )
+            probes.count_eval = counting
 
     def layer_reports(self) -> list[LayerReport]:
         """Per-layer summaries over the last closed window and the open one (what
@@ -208,9 +208,8 @@ class Monitor:
         the open one together, so even a run shorter than one window gets a report.
         """
         tracker = self.tracker
-        open_window, open_snapshots = tracker.open_window()
-        windows = list(tracker.windows) + ([open_window] if open_window else [])
-        layers = tracker.layer_reports(open_snapshots)
+        observations = self._observations()
+        layers = observations.layers
         if not layers:
             warnings.warn(
                 f"reludoctor saw no ReLU-family activation in {type(self.model).__name__} "
@@ -218,14 +217,7 @@ class Monitor:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        facts = self.facts.with_preactivation_scale(
-            {
-                lay.producer: lay.start_preact_std
-                for lay in layers
-                if lay.producer and lay.start_preact_std and math.isfinite(lay.start_preact_std)
-            }
-        )
-        diagnosis = run_rules(Observations(layers, windows, facts), self.thresholds)
+        diagnosis = run_rules(observations, self.thresholds)
         meta = {
             "model": type(self.model).__name__,
             "steps": tracker.steps,
@@ -238,12 +230,27 @@ class Monitor:
         }
         return Report(
             layers=layers,
-            windows=windows,
+            windows=observations.windows,
             findings=diagnosis.findings,
             meta=meta,
-            facts=facts.to_dict(),
+            facts=observations.facts.to_dict(),
             unjudged=[u.to_dict() for u in diagnosis.unjudged],
         )
+
+    def _observations(self) -> Observations:
+        """What the rules see now: layer summaries, every window, and the facts."""
+        tracker = self.tracker
+        open_window, open_snapshots = tracker.open_window()
+        windows = list(tracker.windows) + ([open_window] if open_window else [])
+        layers = tracker.layer_reports(open_snapshots)
+        facts = self.facts.with_preactivation_scale(
+            {
+                lay.producer: lay.start_preact_std
+                for lay in layers
+                if lay.producer and lay.start_preact_std and math.isfinite(lay.start_preact_std)
+            }
+        )
+        return Observations(layers, windows, facts)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -287,6 +294,7 @@ def watch(
     on_finding: Callable[[Finding], None] | None = None,
     revive: bool = False,
     revive_cap: int = DEFAULT_REVIVE_CAP,
+    rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
 ) -> Monitor:
     """Watch every ReLU-family activation of ``model`` while it trains.
 
@@ -309,6 +317,12 @@ def watch(
             them reset); needs ``optimizer``. Each revival is logged (``reludoctor`` logger,
             info) and kept in ``doc.revivals`` and the report's ``meta["revivals"]``.
         revive_cap: at most this many units revived per window.
+        rewind_lr_factor: with ``revive``, when the diagnosis finds that the learning rate
+            killed units (they died in windows with huge updates or loss spikes), recycling
+            them cannot hold: the model and optimizer are rewound to the last stable window
+            and every learning rate is divided by this factor (logged as a warning, kept in
+            ``doc.revivals``). Costs one CPU copy of the model's and optimizer's state;
+            ``None`` never rewinds. See :mod:`reludoctor.live_revival`.
 
     Example:
         >>> import torch, reludoctor as rd
@@ -332,4 +346,5 @@ def watch(
         on_finding=on_finding,
         revive=revive,
         revive_cap=revive_cap,
+        rewind_lr_factor=rewind_lr_factor,
     )

@@ -472,12 +472,7 @@ def high_learning_rate(obs: Observations, t: Thresholds) -> Result:
         for wl in w.layers
         if wl.update_ratio is not None
     ]
-    spikes = [
-        w
-        for w in windows
-        if w.loss_nonfinite
-        or (w.loss_max and w.loss_curve and w.loss_max > t.loss_spike * _median(w.loss_curve))
-    ]
+    spikes = [w for w in windows if _loss_spiked(w, t)]
     if not ratios and not spikes:
         return [
             Unjudged(
@@ -517,6 +512,20 @@ def high_learning_rate(obs: Observations, t: Thresholds) -> Result:
             evidence,
         )
     ]
+
+
+def _loss_spiked(w: Window, t: Thresholds) -> bool:
+    return w.loss_nonfinite or bool(
+        w.loss_max and w.loss_curve and w.loss_max > t.loss_spike * _median(w.loss_curve)
+    )
+
+
+def unstable_window(w: Window, t: Thresholds) -> bool:
+    """The loss spiked or went non-finite, or a layer's update reached ``high_update_ratio``
+    of its weights in one step: not a state worth returning to."""
+    return _loss_spiked(w, t) or any(
+        wl.update_ratio is not None and wl.update_ratio >= t.high_update_ratio for wl in w.layers
+    )
 
 
 def _median(values: Sequence[float]) -> float:
