@@ -65,11 +65,12 @@ def study_table(result: StudyResult) -> str:
     """The study grid as Markdown, with where it disagrees with the article."""
     rows = [
         f"{result.samples} samples, {result.epochs} epochs, {result.seeds} seeds per variant, "
-        f"{result.seconds:.0f} s on the machine that wrote this table.",
+        f"{result.seconds:.0f} s on the machine that wrote this table. treatment: `rd.treat` "
+        f"on the first seed's fresh model, {result.treat_steps} steps per remedy.",
         "",
         "| variant | train loss | val loss | R^2 | dead | grad L1 | diagnosis | verdict "
-        "| article |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| article | treatment |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in result.outcomes:
         dead = f"{o.dead_fraction:.0%}" if o.dead_fraction is not None else "-"
@@ -77,7 +78,7 @@ def study_table(result: StudyResult) -> str:
         rows.append(
             f"| {o.label} | {o.train_loss:.3g} | {o.val_loss:.3g} | {o.r2:.2f} | {dead} "
             f"| {o.first_layer_grad:.2g} | {_codes(o.causes)} | {o.verdict}{mark} "
-            f"| {o.article or '-'} |"
+            f"| {o.article or '-'} | {o.treatment['verdict'] if o.treatment else '-'} |"
         )
     return "\n".join(rows)
 
@@ -102,8 +103,7 @@ def treatment_table() -> str:
         if winner is None:
             remedy, loss, dead = "none recommended", "-", "-"
         else:
-            options = "".join(f" /{v:g}" for v in winner.options.values())
-            remedy = f"`{winner.remedy}`{options}"
+            remedy = f"`{winner.label}`"
             loss = f"{winner.loss:.3g}"
             dead = f"{winner.worst_dead_fraction:.0%}"
         rows.append(

@@ -51,6 +51,25 @@ def test_activations_that_cannot_die_have_no_dead_fraction(small_study):
     assert batch_norm.verdict != "stuck" and batch_norm.causes == []
 
 
+def test_the_treatment_column_names_the_remedy_that_lowered_the_loss(small_study):
+    baseline = outcome(small_study, "baseline").treatment
+    assert baseline is not None and baseline["steps"] == 200
+    best = max(
+        (t for t in baseline["trials"] if t["improvement"] is not None),
+        key=lambda t: t["improvement"],
+    )
+    assert best["improvement"] >= 0.05 and best["loss"] < baseline["untreated_loss"]
+    assert baseline["ranking"][0] == best["remedy"]
+    assert baseline["verdict"] == f"{best['remedy']} {-best['improvement']:+.0%}"
+    assert outcome(small_study, "batch_norm").treatment["verdict"] == "no finding to treat"
+
+
+def test_the_treatment_can_be_left_out():
+    result = run_study(samples=5_000, epochs=1, seeds=1, keys=["baseline"], treat_steps=0)
+    assert result.outcomes[0].treatment is None and result.treat_steps == 0
+    assert next(csv.DictReader(io.StringIO(result.to_csv())))["treatment"] == ""
+
+
 def make_outcome(verdicts: list[str], article: str | None) -> Outcome:
     return Outcome("k", "k", {}, 1.0, 1.0, 0.0, None, 0.0, [], article, "", verdicts)  # type: ignore[arg-type]
 
@@ -76,9 +95,12 @@ def test_csv_and_json_are_written_and_read_back(small_study, tmp_path):
     rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert [r["key"] for r in rows] == [o.key for o in small_study.outcomes]
     assert rows[0]["verdict"] == "stuck" and rows[0]["causes"] == "unnormalized_inputs"
+    assert rows[0]["treatment"] == small_study.outcomes[0].treatment["verdict"]
     data = json.loads(json_path.read_text())
     assert data["outcomes"][2]["changes"] == {"init": "negative_uniform"}
     assert data["disagreements"] == small_study.disagreements()
+    assert data["treat_steps"] == 200
+    assert data["outcomes"][0]["treatment"]["trials"][0]["remedy"]
     assert sorted(p.name for p in json_path.parent.iterdir()) == ["study.csv", "study.json"]
 
 
@@ -97,6 +119,8 @@ def test_bad_input_names_the_problem():
         select(["baseline", "nope"])
     with pytest.raises(InputError, match="seeds >= 1"):
         run_study(seeds=0)
+    with pytest.raises(InputError, match="treat_steps >= 0"):
+        run_study(treat_steps=-1)
 
 
 runner = CliRunner()
@@ -108,10 +132,13 @@ def test_cli_prints_the_table_and_writes_both_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert "baseline" in result.output and "SELU" in result.output
     assert "target y = -x @ [1, 2, 3, 4]" in result.output
+    assert "treatment" in result.output and "for 200 steps" in result.output
     assert (tmp_path / "study.csv").exists() and (tmp_path / "study.json").exists()
     as_json = runner.invoke(app, [*args, "--variant", "baseline", "--json"])
     assert as_json.exit_code == 0
     assert json.loads(as_json.stdout)["outcomes"][0]["verdict"] == "stuck"
+    untreated = runner.invoke(app, [*args, "--variant", "baseline", "--treat-steps", "0"])
+    assert untreated.exit_code == 0 and "treatment" not in untreated.output
 
 
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):

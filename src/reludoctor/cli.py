@@ -170,6 +170,12 @@ def study(
     variant: Annotated[
         list[str] | None, typer.Option("--variant", help="Only these variants (repeatable).")
     ] = None,
+    treat_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Steps per remedy in the treatment column (default 200; 0: none)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the table.")] = False,
 ) -> None:
@@ -192,7 +198,12 @@ def study(
                 progress.advance(task)
 
             result = grid.run_study(
-                samples=samples, epochs=epochs, seeds=seeds, keys=variant, on_run=advance
+                samples=samples,
+                epochs=epochs,
+                seeds=seeds,
+                keys=variant,
+                on_run=advance,
+                **({} if treat_steps is None else {"treat_steps": treat_steps}),
             )
     except InputError as error:
         raise _fail(str(error)) from error

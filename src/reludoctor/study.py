@@ -5,7 +5,9 @@ more epochs, another initialiser or activation, batch norm, a lower learning rat
 under the monitor for a few seeds and records the final losses, the share of explained
 variance (R^2) on the validation split, the dead fraction, the gradient norm of the first
 layer and what reludoctor diagnosed. The verdict ("learns", "stuck", or "learns in k of n
-runs") comes from R^2 alone and is set beside what the article says.
+runs") comes from R^2 alone and is set beside what the article says. The treatment column is
+:func:`reludoctor.treat` on a fresh build of the first seed's model, following that run's
+diagnosis: the remedy that lowered the loss most over ``treat_steps`` steps, or why none.
 
     >>> from reludoctor.study import run_study
     >>> result = run_study(samples=5_000, epochs=1, seeds=1, keys=["baseline"])
@@ -15,6 +17,7 @@ runs") comes from R^2 alone and is set beside what the article says.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -22,7 +25,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,8 +35,9 @@ from torch import nn
 
 from reludoctor.errors import InputError
 from reludoctor.monitor import silenced_live_findings
-from reludoctor.report.model import atomic_write_text
+from reludoctor.report.model import Report, atomic_write_text
 from reludoctor.scenarios import IsReluDead, RunResult
+from reludoctor.treat import Treatment, treat
 
 #: A run "learns" when it explains at least this share of the validation targets' variance.
 #: A dead unit predicts 0 (R^2 far below 0); the best single ReLU reaches about 0.996 here.
@@ -42,6 +46,9 @@ LEARNED_R2 = 0.5
 #: A run that does not fit yet but whose training loss fell by this share over its second half
 #: of epochs is "learning slowly" (alive, helped), not stuck.
 STILL_IMPROVING = 0.1
+
+#: Training steps of each remedy (and of the untreated copy) in the treatment column.
+TREAT_STEPS = 200
 
 #: Rows of the training split used to measure the first layer's gradient after training.
 GRADIENT_PROBE_ROWS = 8192
@@ -124,6 +131,8 @@ class Outcome:
     article: Claim | None
     article_says: str
     run_verdicts: list[str]
+    #: :meth:`reludoctor.treat.Treatment.to_dict` of the first seed (None: not treated).
+    treatment: dict[str, Any] | None = None
 
     @property
     def runs(self) -> int:
@@ -168,6 +177,7 @@ class StudyResult:
     seeds: int
     outcomes: list[Outcome]
     seconds: float
+    treat_steps: int = 0
 
     def disagreements(self) -> list[str]:
         """One sentence per variant whose measurement contradicts the article."""
@@ -190,6 +200,7 @@ class StudyResult:
             "seeds": self.seeds,
             "learned_r2": LEARNED_R2,
             "still_improving": STILL_IMPROVING,
+            "treat_steps": self.treat_steps,
             "seconds": round(self.seconds, 1),
             "outcomes": [o.to_dict() for o in self.outcomes],
             "disagreements": self.disagreements(),
@@ -198,7 +209,7 @@ class StudyResult:
     def to_csv(self) -> str:
         columns = [
             "key", "label", "train_loss", "val_loss", "r2", "dead_fraction",
-            "first_layer_grad", "causes", "verdict", "article", "agrees",
+            "first_layer_grad", "causes", "verdict", "article", "agrees", "treatment",
         ]  # fmt: skip
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
@@ -206,6 +217,7 @@ class StudyResult:
         for o in self.outcomes:
             row = o.to_dict()
             row["causes"] = " ".join(o.causes)
+            row["treatment"] = o.treatment["verdict"] if o.treatment else ""
             writer.writerow(row)
         return buffer.getvalue()
 
@@ -241,18 +253,21 @@ def run_study(
     seeds: int = 3,
     keys: Iterable[str] | None = None,
     on_run: Callable[[Variant, int], None] | None = None,
+    treat_steps: int = TREAT_STEPS,
 ) -> StudyResult:
-    """Train every selected variant once per seed; ``on_run(variant, seed)`` after each run."""
-    if samples < 1000 or epochs < 1 or seeds < 1:
+    """Train every selected variant once per seed; ``on_run(variant, seed)`` after each run.
+    Then treat the first seed's configuration for ``treat_steps`` steps (0: no treatment)."""
+    if samples < 1000 or epochs < 1 or seeds < 1 or treat_steps < 0:
         raise InputError(
-            f"the study needs samples >= 1000, epochs >= 1 and seeds >= 1 "
-            f"(got {samples}, {epochs}, {seeds})"
+            f"the study needs samples >= 1000, epochs >= 1, seeds >= 1 and treat_steps >= 0 "
+            f"(got {samples}, {epochs}, {seeds}, {treat_steps})"
         )
     variants = select(keys)
     start = time.perf_counter()
     outcomes = []
     for variant in variants:
         runs = []
+        first: tuple[IsReluDead, Report] | None = None
         for seed in range(seeds):
             scenario = IsReluDead(
                 samples=samples * variant.samples_factor,
@@ -261,15 +276,40 @@ def run_study(
                 **variant.changes,
             )
             setup = scenario.build()
-            with silenced_live_findings(), warnings.catch_warnings():
-                # tanh and sigmoid have no ReLU-family activation to watch: expected here
-                warnings.filterwarnings("ignore", "reludoctor saw no ReLU-family activation")
+            with _quietly():
                 result = scenario.run(setup=setup)
+            assert result.report is not None
             runs.append(_measure(result, setup.train, setup.val))
+            first = first or (scenario, result.report)
             if on_run is not None:
                 on_run(variant, seed)
-        outcomes.append(_combine(variant, runs))
-    return StudyResult(samples, epochs, seeds, outcomes, time.perf_counter() - start)
+        outcome = _combine(variant, runs)
+        if treat_steps and first is not None:
+            outcome.treatment = _treat(*first, treat_steps).to_dict()
+        outcomes.append(outcome)
+    return StudyResult(samples, epochs, seeds, outcomes, time.perf_counter() - start, treat_steps)
+
+
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    with silenced_live_findings(), warnings.catch_warnings():
+        # tanh and sigmoid have no ReLU-family activation to watch: expected here
+        warnings.filterwarnings("ignore", "reludoctor saw no ReLU-family activation")
+        yield
+
+
+def _treat(scenario: IsReluDead, report: Report, steps: int) -> Treatment:
+    """rd.treat on a fresh build of ``scenario``, following ``report``'s diagnosis."""
+    setup = scenario.build()
+    with _quietly():
+        return treat(
+            setup.model,
+            setup.optimizer,
+            setup.batches(scenario.batch_size),
+            setup.loss_fn,
+            steps=steps,
+            report=report,
+        )
 
 
 @dataclass

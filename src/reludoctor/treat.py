@@ -101,6 +101,12 @@ class Trial:
     options: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
+    @property
+    def label(self) -> str:
+        """The remedy with its options, e.g. ``lower_learning_rate (factor 100)``."""
+        options = ", ".join(f"{key} {value:g}" for key, value in self.options.items())
+        return f"{self.remedy} ({options})" if options else self.remedy
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -130,6 +136,14 @@ class Treatment:
         ranking = self.ranking
         return ranking[0] if ranking else None
 
+    @property
+    def verdict(self) -> str:
+        """One line: the winner and its change of loss, or why there is none."""
+        winner = self.winner
+        if winner is not None:
+            return f"{winner.label} {-(winner.improvement or 0):+.0%}"
+        return "no remedy helped" if self.candidates else "no finding to treat"
+
     def apply(
         self,
         model: nn.Module,
@@ -154,7 +168,8 @@ class Treatment:
             "candidates": self.candidates,
             "not_tried": self.not_tried,
             "trials": [t.to_dict() for t in self.trials],
-            "ranking": [t.remedy for t in self.ranking],
+            "ranking": [t.label for t in self.ranking],
+            "verdict": self.verdict,
         }
 
 

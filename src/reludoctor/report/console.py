@@ -108,6 +108,8 @@ def study_table(result: StudyResult, wide: bool = True) -> Table:
         pad_edge=False,
     )
     columns = ["train", "val", "R^2", "dead", "grad L1", "diagnosis", "verdict", "article"]
+    if result.treat_steps:
+        columns.append("treatment")
     if not wide:
         columns = [c for c in columns if c not in ("R^2", "diagnosis")]
     table.add_column("variant")
@@ -124,6 +126,7 @@ def study_table(result: StudyResult, wide: bool = True) -> Table:
             "diagnosis": " ".join(code.replace("_", " ") for code in o.causes) or "-",
             "verdict": o.verdict + (" *" if o.agrees is False else ""),
             "article": o.article or "-",
+            "treatment": o.treatment["verdict"] if o.treatment else "-",
         }
         table.add_row(Text(o.label), *(cells[c] for c in columns))
     return table
@@ -137,6 +140,12 @@ def print_study(result: StudyResult, console: Console | None = None, quiet: bool
     console.print(study_table(result, wide=console.width >= STUDY_WIDE))
     if quiet:
         return
+    treatment = (
+        f"treatment: rd.treat on the first seed's fresh model for {result.treat_steps} steps: "
+        "the remedy that lowered the loss most, and by how much. "
+        if result.treat_steps
+        else ""
+    )
     console.print(
         Text(
             f"target {TARGET}. verdict: 'learns' at R^2 >= {LEARNED_R2} on the validation "
@@ -144,7 +153,7 @@ def print_study(result: StudyResult, console: Console | None = None, quiet: bool
             "over the second half of the epochs, else 'stuck'. dead: ReLU units never positive "
             "in the last window (- where the activation cannot die). grad L1: gradient norm of "
             f"the first layer's weights after training. article: what it says (- not tried). "
-            f"{result.seconds:.0f} s.",
+            f"{treatment}{result.seconds:.0f} s.",
             style="dim",
         )
     )
@@ -178,8 +187,7 @@ def treatment_table(treatment: Treatment) -> Table:
     )
     winner = treatment.winner
     for trial in treatment.trials:
-        options = ", ".join(f"{k} {v:g}" for k, v in trial.options.items())
-        name = trial.remedy + (f" ({options})" if options else "")
+        name = trial.label
         if trial.error is not None:
             table.add_row(Text(name), "-", Text(trial.error), "", "", style="dim")
             continue
