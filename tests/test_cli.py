@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -105,6 +106,65 @@ def test_demo_runs_end_to_end_and_finds_the_dead_layer(tmp_path):
     assert not report.healthy
     flat = report.meta["train_loss"]
     assert flat[0] == pytest.approx(flat[-1])
+    html = (out / "report.html").read_text()
+    assert 'id="dead-heatmap"' in html and "relu1" in html
+    assert str(out / "report.html") in "".join(result.output.split())
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    assert f"tensorboard --logdir {out / 'tensorboard'}" in " ".join(result.output.split())
+
+
+def test_report_writes_the_html_of_a_saved_run(tmp_path):
+    out = tmp_path / "demo"
+    runner.invoke(app, ["demo", "--out", str(out), "--epochs", "1", "--samples", "2000", "-q"])
+    (out / "report.html").unlink()
+    result = runner.invoke(
+        app, ["report", str(out / "report.json"), "-o", str(tmp_path / "r.html")]
+    )
+    assert result.exit_code == 0, result.output
+    assert 'id="summary"' in (tmp_path / "r.html").read_text()
+    default = runner.invoke(app, ["report", str(out / "report.json"), "-q"])
+    assert default.exit_code == 0 and (out / "report.html").exists()
+
+
+def test_report_bad_input_exits_2_and_writes_nothing(tmp_path):
+    newer = tmp_path / "newer.json"
+    newer.write_text('{"schema_version": 99, "layers": [], "windows": [], "findings": []}')
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"schema_version": 1, "layers": [{"nme": 1}]')
+    broken = tmp_path / "broken.json"
+    broken.write_text(
+        '{"schema_version": 1, "layers": [{"nme": 1}], "windows": [], "findings": []}'
+    )
+    cases = [
+        (tmp_path / "missing.json", "does not exist"),
+        (newer, "newer than the 1 this reludoctor reads"),
+        (corrupt, "is not valid JSON"),
+        (broken, "corrupt reludoctor report"),
+    ]
+    for path, message in cases:
+        result = runner.invoke(app, ["report", str(path), "-o", str(tmp_path / "out.html")])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "out.html").exists()
+    good = tmp_path / "good.json"
+    Report(layers=[], windows=[], findings=[]).save_json(good)
+    result = runner.invoke(app, ["report", str(good), "-o", str(tmp_path / "no" / "r.html")])
+    assert result.exit_code == 2 and "create it first" in " ".join(result.output.split())
+    assert not (tmp_path / "no").exists()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = runner.invoke(app, ["report", str(good), "-o", str(locked / "r.html")])
+        if os.geteuid() != 0:  # root writes anywhere
+            assert result.exit_code == 2 and "cannot write" in " ".join(result.output.split())
+            assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+    empty = runner.invoke(app, ["report", str(good), "-o", str(tmp_path / "empty.html")])
+    assert empty.exit_code == 0 and "no window of steps" in " ".join(empty.output.split())
 
 
 def test_demo_treat_shows_each_remedy_against_the_untreated_copy(tmp_path):

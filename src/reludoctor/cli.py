@@ -43,17 +43,20 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_BAD_INPUT)
 
 
-def _write_report(report: Report, out: Path) -> Path:
+def _write_report(report: Report, out: Path) -> list[Path]:
+    """report.json and report.html in ``out`` (made if missing)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return report.save_json(out / "report.json")
+        return [report.save_json(out / "report.json"), report.save_html(out / "report.html")]
     except OSError as error:
         raise _fail(f"cannot write the report into {out}: {error}") from error
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for report.json.")] = Path("reludoctor-demo"),
+    out: Annotated[
+        Path, typer.Option(help="Folder for report.json, report.html and TensorBoard logs.")
+    ] = Path("reludoctor-demo"),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 25,
     samples: Annotated[int, typer.Option(min=100, help="Samples of the data set.")] = 200_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -71,15 +74,20 @@ def demo(
     if not quiet:
         console.print(f"[bold]{scenario.name}[/]")
     live: list[str] = []  # findings announced while training, printed with the summary
-    with _progress(console, quiet or as_json) as progress, silenced_live_findings():
-        task = progress.add_task("training", total=epochs)
-        result = scenario.run(
-            on_epoch=lambda *_: progress.advance(task),
-            on_finding=lambda finding: live.append(finding.code),
-        )
+    logs = out / "tensorboard"
+    try:
+        with _progress(console, quiet or as_json) as progress, silenced_live_findings():
+            task = progress.add_task("training", total=epochs)
+            result = scenario.run(
+                on_epoch=lambda *_: progress.advance(task),
+                on_finding=lambda finding: live.append(finding.code),
+                log_dir=logs,
+            )
+    except InputError as error:
+        raise _fail(str(error)) from error
     report = result.report
     assert report is not None
-    path = _write_report(report, out)
+    paths = _write_report(report, out)
     if as_json:
         typer.echo(report.to_json())
         return
@@ -92,7 +100,8 @@ def demo(
         if live:
             console.print(f"seen while training: {', '.join(dict.fromkeys(live))}")
     print_summary(report, console)
-    console.print(f"report: {path}")
+    console.print(f"report: {', '.join(str(p) for p in paths)}")
+    console.print(f"TensorBoard: tensorboard --logdir {logs}")
     if treat:
         _demo_treatment(scenario, report, treat_steps, console)
 
@@ -126,7 +135,9 @@ def scan(
     trust: Annotated[
         bool, typer.Option(help="Allow pickled files that can run code when loaded.")
     ] = False,
-    out: Annotated[Path | None, typer.Option(help="Folder to write report.json into.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder to write report.json and report.html into.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -216,6 +227,38 @@ def study(
         return
     print_study(result, console, quiet=quiet)
     console.print(f"results: {csv_path}, {json_path}")
+
+
+@app.command("report")
+def html_report(
+    run: Annotated[Path, typer.Argument(help="A report.json written by reludoctor.")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="The HTML file to write (default: RUN as .html)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+) -> None:
+    """Write the self-contained HTML report (plots inline) of a saved JSON report."""
+    output = output or run.with_suffix(".html")
+    try:
+        report = Report.load_json(run)
+    except FileNotFoundError:
+        raise _fail(f"{run} does not exist: pass the report.json that reludoctor wrote") from None
+    except (ValueError, UnicodeDecodeError, IsADirectoryError) as error:
+        raise _fail(f"cannot read {run}: {error}") from error
+    console = Console()
+    if not report.windows:
+        console.print(
+            "[yellow]note:[/] this run recorded no window of steps; the report shows its layers "
+            "only"
+        )
+    try:
+        path = report.save_html(output)
+    except OSError as error:
+        raise _fail(f"cannot write {output}: {error}") from error
+    if not quiet:
+        print_summary(report, console)
+    console.print(f"report: {path}")
 
 
 def main() -> None:

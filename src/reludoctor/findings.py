@@ -25,6 +25,42 @@ REMEDIES: dict[str, str] = {
     "revive_units": "re-initialise the dead units in place (ReDo-style recycling)",
 }
 
+#: The code change each remedy asks for (``reludoctor.remedies`` where it can act in place).
+REMEDY_CODE: dict[str, str] = {
+    "kaiming_init": (
+        "from reludoctor.remedies import kaiming_init\n"
+        "kaiming_init(model)  # nn.init.kaiming_normal_(w, nonlinearity='relu'), zero biases"
+    ),
+    "leaky_relu": (
+        "from reludoctor.remedies import swap_activation\n"
+        "swap_activation(model, 'leaky_relu', negative_slope=0.01)  # nn.ReLU -> nn.LeakyReLU"
+    ),
+    "prelu": "from reludoctor.remedies import swap_activation\nswap_activation(model, 'prelu')",
+    "elu": "from reludoctor.remedies import swap_activation\nswap_activation(model, 'elu')",
+    "selu": (
+        "from reludoctor.remedies import swap_activation\n"
+        "swap_activation(model, 'selu')  # also lecun_normal weights, Dropout -> AlphaDropout"
+    ),
+    "batch_norm": (
+        "from reludoctor.remedies import add_batch_norm\n"
+        "add_batch_norm(model, optimizer)  # Linear -> BatchNorm1d -> ReLU (nn.Sequential)"
+    ),
+    "lower_learning_rate": (
+        "from reludoctor.remedies import lower_learning_rate\n"
+        "lower_learning_rate(optimizer, factor=10)"
+    ),
+    "adaptive_optimizer": "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)",
+    "normalize_inputs": (
+        "mean, std = x_train.mean(0), x_train.std(0) + 1e-8  # training-set statistics\n"
+        "x = (x - mean) / std  # for every split"
+    ),
+    "skip_connections": "def forward(self, x):\n    return x + self.block(x)  # a residual block",
+    "revive_units": (
+        "from reludoctor.revive import revive_units\n"
+        "revive_units(model, doc, optimizer)  # or rd.watch(..., revive=True)"
+    ),
+}
+
 
 @dataclass(frozen=True)
 class Finding:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from reludoctor.live_revival import LiveRevival
 from reludoctor.probes import Probes
 from reludoctor.report.model import LayerReport, Report, Window
 from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
+from reludoctor.tensorboard import TensorBoardLog
 from reludoctor.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
 
 DEFAULT_WINDOW = 100
@@ -79,6 +81,7 @@ class Monitor:
         revive: bool = False,
         revive_cap: int = DEFAULT_REVIVE_CAP,
         rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
+        log_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.model = _require_module(model, "rd.watch")
         if revive and optimizer is None:
@@ -117,7 +120,17 @@ class Monitor:
             self.tracker.on_window.append(on_window)
         self.count_eval = count_eval
         self._residual_adds: int | None = None
-        self.probes: Probes | None = Probes(model, self.tracker, count_eval=count_eval)
+        #: The TensorBoard log written at each window's end (with ``log_dir``), else None.
+        self.tensorboard: TensorBoardLog | None = None
+        if log_dir is not None:
+            self.tensorboard = TensorBoardLog(log_dir, self.tracker)
+            self.tracker.on_window.append(self.tensorboard)
+        try:
+            self.probes: Probes | None = Probes(model, self.tracker, count_eval=count_eval)
+        except BaseException:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+            raise
 
     # -- the training loop's side ---------------------------------------------------------
     def step(
@@ -182,14 +195,18 @@ class Monitor:
     def _announce_findings(self, window: Window) -> None:
         """At each window's end: log new symptoms and hand them to ``on_finding``."""
         observations = Observations([], list(self.tracker.windows))
+        new = []
         for finding in run_rules(observations, self.thresholds, LIVE_RULES).findings:
             key = (finding.code, finding.layer)
             if finding.severity == "info" or key in self._announced:
                 continue
             self._announced.add(key)
+            new.append(finding)
             logger.warning("reludoctor at step %d: %s", window.end_step, finding.message)
             if self.on_finding is not None:
                 self.on_finding(finding)
+        if self.tensorboard is not None:
+            self.tensorboard.write_findings(new, window.end_step)
 
     @property
     def steps(self) -> int:
@@ -207,16 +224,21 @@ class Monitor:
         Layer summaries (dead units, dormancy, gradients) cover the last closed window and
         the open one together, so even a run shorter than one window gets a report.
         """
-        tracker = self.tracker
-        observations = self._observations()
-        layers = observations.layers
-        if not layers:
+        report = self._report()
+        if not report.layers:
             warnings.warn(
                 f"reludoctor saw no ReLU-family activation in {type(self.model).__name__} "
                 "(none ran in a counted forward); the report is empty",
                 RuntimeWarning,
                 stacklevel=2,
             )
+        return report
+
+    def _report(self) -> Report:
+        """:meth:`report`, without the warning about an empty one."""
+        tracker = self.tracker
+        observations = self._observations()
+        layers = observations.layers
         diagnosis = run_rules(observations, self.thresholds)
         meta = {
             "model": type(self.model).__name__,
@@ -254,12 +276,15 @@ class Monitor:
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Remove every hook and wrapper. The monitor can still make reports afterwards."""
+        """Remove every hook and wrapper; with ``log_dir``, write the diagnosis to the
+        TensorBoard log and close it. The monitor can still make reports afterwards."""
         if self.probes is not None:
             self._residual_adds = self.probes.residual_adds
             self.probes.remove()
             self.tracker.disarm()
             self.probes = None
+        if self.tensorboard is not None and not self.tensorboard.closed:
+            self.tensorboard.close(self._report())
 
     @property
     def closed(self) -> bool:
@@ -277,7 +302,8 @@ class Monitor:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "probes", None) is not None:
+        log = getattr(self, "tensorboard", None)
+        if getattr(self, "probes", None) is not None or (log is not None and not log.closed):
             self.close()
 
 
@@ -295,6 +321,7 @@ def watch(
     revive: bool = False,
     revive_cap: int = DEFAULT_REVIVE_CAP,
     rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
+    log_dir: str | os.PathLike[str] | None = None,
 ) -> Monitor:
     """Watch every ReLU-family activation of ``model`` while it trains.
 
@@ -323,6 +350,11 @@ def watch(
             and every learning rate is divided by this factor (logged as a warning, kept in
             ``doc.revivals``). Costs one CPU copy of the model's and optimizer's state;
             ``None`` never rewinds. See :mod:`reludoctor.live_revival`.
+        log_dir: a directory (created if missing) to write a TensorBoard log to
+            (``tensorboard --logdir <log_dir>``), at each window's end: per layer the dead
+            fraction, alive units, gradient norm and histograms of pre-activations and
+            per-unit gradients, plus the loss and the new findings; on ``close()``, the
+            diagnosis. Needs the ``tensorboard`` package. See :mod:`reludoctor.tensorboard`.
 
     Example:
         >>> import torch, reludoctor as rd
@@ -347,4 +379,5 @@ def watch(
         revive=revive,
         revive_cap=revive_cap,
         rewind_lr_factor=rewind_lr_factor,
+        log_dir=log_dir,
     )

@@ -236,8 +236,9 @@ def loss_plateau(obs: Observations, t: Thresholds) -> Result:
             "loss_plateau",
             "warning",
             None,
-            f"the loss is flat: {improvement:+.2%} over the last window and "
-            f"{overall:+.2%} since the first step, near {statistics.fmean(late):.4g}",
+            f"the loss stopped improving: it {_change(improvement)} over the last window "
+            f"(noise about {2 * noise:.1%}) and {_change(overall)} since the first step; now "
+            f"near {statistics.fmean(late):.4g}",
             {
                 "improvement_last_window": round(improvement, 5),
                 "improvement_since_start": round(overall, 5),
@@ -247,6 +248,11 @@ def loss_plateau(obs: Observations, t: Thresholds) -> Result:
             },
         )
     ]
+
+
+def _change(improvement: float) -> str:
+    """A relative improvement in words: "fell 3.1%", "rose 12.0%"."""
+    return f"{'fell' if improvement >= 0 else 'rose'} {abs(improvement):.1%}"
 
 
 def identical_outputs(obs: Observations, t: Thresholds) -> Result:

@@ -39,6 +39,12 @@ LOSS_POINTS = 16
 UNIT_DETAIL_LIMIT = 65_536
 #: Rows of the first model input kept to trace where units flow (for reviving them).
 EXAMPLE_ROWS = 8
+#: Pre-activation values kept per layer from a window's last sampled step (spread evenly over
+#: the batch's first samples), for histograms; and bins of the report's histograms.
+HISTOGRAM_VALUES = 4096
+HISTOGRAM_BINS = 40
+#: A histogram whose span exceeds this many times its values' median size gets asinh bins.
+WIDE_RANGE = 50.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,9 @@ class LayerState:
         self.warned_shape = False
         self.saved_rows: torch.Tensor | None = None  # weight rows before the optimizer step
         self.start = _start_stats(self, x)
+        #: Pre-activation values of the first batch, and of the open window's last sampled step.
+        self.start_values = _value_sample(self, x).cpu().numpy()
+        self.values: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> None:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
@@ -159,6 +168,7 @@ class LayerState:
             c.name: self.tensors[c.name].detach().cpu().numpy().copy() for c in COUNTERS
         }
         snap.update({name: getattr(self, name) for name in HOST_COUNTERS})
+        snap["values"] = None if self.values is None else self.values.cpu().numpy()
         return snap
 
     def reset(self) -> None:
@@ -166,6 +176,7 @@ class LayerState:
             self.tensors[counter.name].fill_(counter.initial)
         self.pending.clear()
         self.reset_host()
+        self.values = None
 
 
 def _start_stats(layer: LayerState, x: torch.Tensor) -> dict[str, float]:
@@ -175,6 +186,14 @@ def _start_stats(layer: LayerState, x: torch.Tensor) -> dict[str, float]:
         never = (_per_unit_max(layer, x) <= 0).float().mean()
         stats = torch.stack([never, x.mean(), x.std(unbiased=False)]).cpu().tolist()
     return dict(zip(("dead_fraction", "preact_mean", "preact_std"), stats, strict=True))
+
+
+def _value_sample(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
+    """At most ``HISTOGRAM_VALUES`` values of ``x``, spread evenly over its first samples."""
+    with torch.no_grad():
+        flat = _leading_samples(layer, x.detach()).reshape(-1)
+        stride = max(1, flat.numel() // HISTOGRAM_VALUES)
+        return flat[::stride][:HISTOGRAM_VALUES].float().clone()
 
 
 def _leading_samples(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
@@ -225,6 +244,7 @@ def merge(a: Snapshot | None, b: Snapshot | None) -> Snapshot | None:
         out[counter.name] = op(a[counter.name], b[counter.name])
     for name in HOST_COUNTERS:
         out[name] = a[name] + b[name]
+    out["values"] = b["values"] if b["values"] is not None else a["values"]
     return out
 
 
@@ -256,6 +276,9 @@ class Tracker(Sink):
         self._saved: list[LayerState] = []
         self._output_spread: torch.Tensor | None = None
         self._output_samples = 0
+        #: Per layer, the window just closed: pre-activation values of its last sampled step
+        #: and each unit's gradient norm (None where not measured), for histograms.
+        self.window_values: dict[str, dict[str, np.ndarray | None]] = {}
         self._reset_loss()
 
     # -- Sink -----------------------------------------------------------------------------
@@ -285,7 +308,10 @@ class Tracker(Sink):
         if len(pending) >= layer.pending_limit:
             layer.fold()
         layer.positions += n
-        if self.sampling and layer.site.kind not in NON_NEGATIVE:
+        if not self.sampling:
+            return
+        layer.values = _value_sample(layer, x)
+        if layer.site.kind not in NON_NEGATIVE:
             # sign(max(x, 0)) is 1 where x > 0: cheaper than summing a boolean mask.
             head = _leading_samples(layer, x)
             layer.fire_count += _per_unit_sum(layer, torch.clamp_min(head, 0).sign_())
@@ -452,7 +478,12 @@ class Tracker(Sink):
     def close_window(self) -> Window:
         snapshots = [layer.snapshot() for layer in self.layers]
         window = self._window(snapshots, complete=True)
+        self.window_values = {}
         for layer, snap in zip(self.layers, snapshots, strict=True):
+            self.window_values[layer.site.name] = {
+                "preactivation": snap["values"],
+                "unit_gradient": _unit_gradients(snap),
+            }
             layer.last = snap
             layer.reset()
         self.windows.append(window)
@@ -529,6 +560,7 @@ class Tracker(Sink):
                     start_preact_mean=_finite(layer.start["preact_mean"]),
                     start_preact_std=_finite(layer.start["preact_std"]),
                     bias_held_units=_bias_held(site, snap["max_pre"], stats["dead"]),
+                    preact_histogram=preactivation_histogram(layer.start_values, snap["values"]),
                 )
             )
         return reports
@@ -571,6 +603,55 @@ def _unit_stats(snap: Snapshot, dormancy_threshold: float) -> dict[str, Any]:
         "grad_norm": grad_norm,
         "zero_grad": zero_grad,
         "update_ratio": update_ratio,
+    }
+
+
+def _unit_gradients(snap: Snapshot) -> np.ndarray | None:
+    """Each unit's gradient norm (root mean square over the sampled steps), if measured."""
+    if not snap["grad_row_samples"]:
+        return None
+    return np.sqrt(snap["grad_row_sq"] / snap["grad_row_samples"])
+
+
+def preactivation_histogram(
+    start: np.ndarray | None, end: np.ndarray | None, bins: int = HISTOGRAM_BINS
+) -> dict[str, Any] | None:
+    """Histograms of the first batch's pre-activations and the last sampled step's, on shared
+    bins spanning 0 and the middle 99% of both (values beyond go to the outer bins).
+
+    When that span is over ``WIDE_RANGE`` times the values' typical size (a run whose
+    pre-activations blew up), the bins are even in asinh(x / typical size) instead, so the
+    shape near 0 and the far tail both show; ``scale`` says which (with its ``linear_width``).
+    """
+    samples = [v[np.isfinite(v)] for v in (start, end) if v is not None]
+    samples = [v for v in samples if v.size]
+    if not samples:
+        return None
+    both = np.concatenate(samples)
+    lo, hi = np.quantile(both, [0.005, 0.995])
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo <= 0:
+        lo, hi = -1.0, 1.0
+    typical = float(np.median(np.abs(both)))
+    scale: dict[str, Any] = {"scale": "linear"}
+    if typical > 0 and hi - lo > WIDE_RANGE * typical:
+        ends = np.arcsinh(np.array([lo, hi]) / typical)
+        edges = np.sinh(np.linspace(ends[0], ends[1], bins + 1)) * typical
+        scale = {"scale": "asinh", "linear_width": float(f"{typical:.6g}")}
+    else:
+        edges = np.linspace(lo, hi, bins + 1)
+
+    def counts(values: np.ndarray | None) -> list[int] | None:
+        if values is None:
+            return None
+        finite = np.clip(values[np.isfinite(values)], lo, hi)
+        return np.histogram(finite, edges)[0].tolist()
+
+    return {
+        "edges": [float(f"{e:.6g}") for e in edges],
+        "start": counts(start),
+        "end": counts(end),
+        **scale,
     }
 
 

@@ -55,6 +55,9 @@ class LayerReport:
     start_preact_mean: float | None = None
     start_preact_std: float | None = None
     bias_held_units: list[int] | None = None
+    #: Pre-activation histograms on shared bins: ``edges``, ``start`` (first batch) and
+    #: ``end`` (last sampled step) counts; see :func:`reludoctor.tracker.preactivation_histogram`.
+    preact_histogram: dict[str, Any] | None = None
 
     @property
     def can_die(self) -> bool:
@@ -228,6 +231,15 @@ class Report:
         """Write the report as JSON, atomically (a temporary file renamed into place)."""
         return atomic_write_text(path, self.to_json())
 
+    def save_html(self, path: str | os.PathLike[str]) -> Path:
+        """Write the self-contained HTML report (plots inline, nothing fetched), atomically.
+
+        Example: ``doc.report().save_html("report.html")``; see :mod:`reludoctor.report.html`.
+        """
+        from reludoctor.report.html import save_html
+
+        return save_html(self, path)
+
     @classmethod
     def load_json(cls, path: str | os.PathLike[str]) -> Report:
         """Read a report written by :meth:`save_json`."""
@@ -255,6 +267,12 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same directory.
 
@@ -268,6 +286,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         )
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not reports
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp_name, target)

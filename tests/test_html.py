@@ -1,0 +1,141 @@
+"""The HTML report: one self-contained file, opened in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+import torch
+from browser import open_page
+from conftest import plant_dead
+from torch import nn
+
+import reludoctor as rd
+from reludoctor.monitor import silenced_live_findings
+from reludoctor.report.html import NO_WINDOWS, render_html
+from reludoctor.report.model import Report
+from reludoctor.scenarios import HighLearningRate
+
+SECTIONS = ["summary", "dead-heatmap", "loss", "units", "histograms", "gradients", "details"]
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+class Hostile(nn.Module):
+    """A model whose ReLU module has a name that is also HTML."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.add_module(HOSTILE, nn.ReLU())
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(getattr(self, HOSTILE)(self.fc(x)))
+
+
+def hostile_report() -> Report:
+    torch.manual_seed(0)
+    model = Hostile()
+    dead = plant_dead(model.fc, [1, 4, 9])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(256, 6), torch.randint(0, 2, (256,))
+    with silenced_live_findings(), rd.watch(model, optimizer=opt, window=5) as doc:
+        for step in range(20):
+            batch = slice(step * 12 % 240, step * 12 % 240 + 16)
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            doc.step(loss=loss)
+    report = doc.report()
+    assert report.layer(HOSTILE).dead_units == dead
+    return report
+
+
+def png_size(path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.fixture(scope="module")
+def e4_page(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("e4")
+    with silenced_live_findings():
+        report = HighLearningRate().run().report
+    path = report.save_html(folder / "report.html")
+    return report, path, open_page(path, folder / "report.png")
+
+
+def test_the_report_opens_with_every_section_and_no_console_message(e4_page):
+    _, _, page = e4_page
+    assert page.console == []
+    for section in SECTIONS:
+        assert f'id="{section}"' in page.dom, section
+    assert page.dom.count("<svg") == 5  # heatmap, loss, unit grids, histograms, gradients
+    assert "Unhealthy" in page.dom and "high learning rate" in page.dom
+    assert "lower_learning_rate(optimizer, factor=10)" in page.dom  # the code change to make
+    width, height = png_size(page.screenshot)
+    assert (width, height) == (1280, 4000)
+    assert page.screenshot.stat().st_size > 50_000  # drawn, not blank
+
+
+def test_the_report_is_self_contained(e4_page):
+    _, path, _ = e4_page
+    text = path.read_text()
+    # nothing to fetch: no script, no external stylesheet, image or font
+    assert "<script" not in text and "<link" not in text and "@import" not in text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text)
+    assert not re.search(r"url\(\s*['\"]?(https?:|//)", text)
+
+
+def test_a_layer_named_like_html_is_shown_as_text(tmp_path):
+    report = hostile_report()
+    path = report.save_html(tmp_path / "report.html")
+    page = open_page(path, tmp_path / "report.png", height=1200)
+    assert page.console == []
+    assert "<img" not in page.dom
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page.dom
+    assert "alert(1)>" not in page.dom.replace("&gt;", "")  # never as markup
+
+
+def test_the_harness_sees_console_errors(tmp_path):
+    path = tmp_path / "bad.html"
+    path.write_text("<html><body><script>console.error('boom')</script></body></html>")
+    page = open_page(path, tmp_path / "bad.png", height=200)
+    assert any("boom" in line for line in page.console)
+
+
+def test_a_run_without_windows_says_so():
+    report = Report(layers=hostile_report().layers, windows=[], findings=[])
+    page = render_html(report)
+    for section in SECTIONS:
+        assert f'id="{section}"' in page
+    assert page.count(NO_WINDOWS) == 3  # heatmap, loss, gradients
+    assert page.count("<svg") == 2  # unit grids and histograms come from the layers
+
+
+def test_names_with_dollar_signs_are_not_read_as_mathematics():
+    report = hostile_report()
+    report.layers[0].name = "a$b$c"
+    page = render_html(report)
+    assert "a$b$c" in page
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    report = hostile_report()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report.save_html(tmp_path / "missing" / "report.html")
+    assert not (tmp_path / "missing").exists()
+    target = tmp_path / "report.html"
+    target.write_text("previous")
+
+    def broken(report):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr("reludoctor.report.plots.gradient_norms", broken)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        report.save_html(target)
+    assert target.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
