@@ -604,12 +604,26 @@ def deep_without_normalization(obs: Observations, t: Thresholds) -> Result:
             damage["signal_change_through_depth"] = change
     if not damage:
         return []
+    shows = []
+    if "grad_norm_ratio_first_to_last" in damage:
+        shows.append(
+            f"the first layer's gradient is {damage['grad_norm_ratio_first_to_last']:.2g}x "
+            "the last one's"
+        )
+    if "deep_layer_dead_fraction" in damage:
+        (name, fraction), *_ = damage["deep_layer_dead_fraction"].items()
+        shows.append(f"{fraction:.0%} of {name}'s units are dead")
+    if "signal_change_through_depth" in damage:
+        shows.append(
+            f"the pre-activations' spread changes {damage['signal_change_through_depth']:.2g}x "
+            "from the first layer to the last"
+        )
     return [
         _cause(
             "deep_without_normalization",
             None,
             f"{depth} activation layers in a plain stack with no normalisation layer and no "
-            "skip path, and the depth shows: " + ", ".join(k.replace("_", " ") for k in damage),
+            "skip path, and the depth shows: " + "; ".join(shows),
             {"activation_layers": depth, **damage},
         )
     ]
