@@ -57,3 +57,12 @@ def open_page(path: Path, screenshot: Path, width: int = 1280, height: int = 400
         _run([f"--window-size={width},{height}", f"--screenshot={screenshot}", url], profile)
     console = [line for line in dumped.stderr.splitlines() if CONSOLE.search(line)]
     return Page(dumped.stdout, console, screenshot)
+
+
+def print_pdf(path: Path, pdf: Path) -> int:
+    """Print ``path`` as Chromium prints it (print styles apply); return the page count."""
+    with tempfile.TemporaryDirectory() as profile:
+        _run(["--no-pdf-header-footer", f"--print-to-pdf={pdf}", path.resolve().as_uri()], profile)
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF"), "not a PDF"
+    return len(re.findall(rb"/Type\s*/Page\b", data))

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 import torch
-from browser import open_page
+from browser import open_page, print_pdf
 from conftest import plant_dead
 from torch import nn
 
@@ -79,6 +79,12 @@ def test_the_report_opens_with_every_section_and_no_console_message(e4_page):
     width, height = png_size(page.screenshot)
     assert (width, height) == (1280, 4000)
     assert page.screenshot.stat().st_size > 50_000  # drawn, not blank
+
+
+def test_the_report_prints(e4_page, tmp_path):
+    _, path, _ = e4_page
+    pages = print_pdf(path, tmp_path / "report.pdf")
+    assert 2 <= pages <= 12
 
 
 def test_the_report_is_self_contained(e4_page):

@@ -22,6 +22,8 @@ from reludoctor.report.model import Report, atomic_write_text
 
 #: Rows of the worst-layers table.
 TABLE_LAYERS = 10
+#: Layer names listed in the line of a folded group of findings.
+GROUP_NAMES = 12
 
 NO_WINDOWS = (
     "this run recorded no window of steps: watch at least one training step (call doc.step() "
@@ -264,7 +266,10 @@ def _finding_group(group: list[Finding]) -> str:
     first = _finding(group[0])
     if len(group) == 1:
         return first
-    layers = ", ".join(_e(f.layer) for f in group[1:] if f.layer)
+    names = [f.layer for f in group[1:] if f.layer]
+    layers = ", ".join(_e(name) for name in names[:GROUP_NAMES])
+    if len(names) > GROUP_NAMES:
+        layers += f" and {len(names) - GROUP_NAMES} more"
     rest = "\n".join(_finding(f) for f in group[1:])
     return (
         f"{first}<details class=more><summary>{len(group) - 1} more "

@@ -25,6 +25,8 @@ from reludoctor.report.model import LayerReport, Report, Window
 ALIVE, DORMANT, DEAD = "#2f9e44", "#f08c00", "#d6336c"
 START, END = "#adb5bd", "#1c7ed6"
 MISSING = "#f1f3f5"  # heatmap cells with no value
+#: Heatmaps' colour bars: above the map, so that their size does not grow with its height.
+COLORBAR = {"location": "top", "shrink": 0.5, "aspect": 40}
 #: Layer names longer than this are shortened in the middle on axes.
 LABEL_CHARS = 36
 #: Per-layer panels (unit grids, histograms) are drawn for at most this many layers.
@@ -131,7 +133,7 @@ def dead_heatmap(report: Report) -> str | None:
         image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         _layer_axis(ax, names)
         _window_axis(ax, report.windows)
-        fig.colorbar(image, ax=ax, label="dead fraction", shrink=0.9)
+        fig.colorbar(image, ax=ax, label="dead fraction", **COLORBAR)
         return _svg(fig)
 
 
@@ -296,6 +298,6 @@ def gradient_norms(report: Report) -> str | None:
         _layer_axis(ax, names)
         _window_axis(ax, report.windows)
         fig.colorbar(
-            image, ax=ax, label="log10 gradient norm (grey: 0 or not measured)", shrink=0.9
+            image, ax=ax, label="log10 gradient norm (grey: 0 or not measured)", **COLORBAR
         )
         return _svg(fig)
