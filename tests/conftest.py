@@ -10,6 +10,8 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+
 import pytest
 import torch
 import torch.nn.functional as F

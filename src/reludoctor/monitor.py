@@ -236,43 +236,14 @@ class Monitor:
 
     def _report(self) -> Report:
         """:meth:`report`, without the warning about an empty one."""
-        tracker = self.tracker
-        observations = self._observations()
-        layers = observations.layers
-        diagnosis = run_rules(observations, self.thresholds)
-        meta = {
-            "model": type(self.model).__name__,
-            "steps": tracker.steps,
-            "window": tracker.window,
-            "sample_every": tracker.sample_every,
-            "dormancy_threshold": tracker.dormancy_threshold,
-            "torch": torch.__version__,
-            **({"revivals": self.revivals} if self.revivals else {}),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        return Report(
-            layers=layers,
-            windows=observations.windows,
-            findings=diagnosis.findings,
-            meta=meta,
-            facts=observations.facts.to_dict(),
-            unjudged=[u.to_dict() for u in diagnosis.unjudged],
-        )
+        meta = {"model": type(self.model).__name__, "torch": torch.__version__}
+        if self.revivals:
+            meta["revivals"] = self.revivals
+        return build_report(self._observations(), self.tracker, self.thresholds, meta)
 
     def _observations(self) -> Observations:
         """What the rules see now: layer summaries, every window, and the facts."""
-        tracker = self.tracker
-        open_window, open_snapshots = tracker.open_window()
-        windows = list(tracker.windows) + ([open_window] if open_window else [])
-        layers = tracker.layer_reports(open_snapshots)
-        facts = self.facts.with_preactivation_scale(
-            {
-                lay.producer: lay.start_preact_std
-                for lay in layers
-                if lay.producer and lay.start_preact_std and math.isfinite(lay.start_preact_std)
-            }
-        )
-        return Observations(layers, windows, facts)
+        return observe(self.tracker, self.facts)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -305,6 +276,50 @@ class Monitor:
         log = getattr(self, "tensorboard", None)
         if getattr(self, "probes", None) is not None or (log is not None and not log.closed):
             self.close()
+
+
+def observe(tracker: Tracker, facts: ModelFacts) -> Observations:
+    """What the rules see now: the tracker's layer summaries (last closed window and the open
+    one), every window, and ``facts`` with each layer's bias in units of its pre-activation's
+    spread. Framework-neutral: the Keras callback uses it too."""
+    open_window, open_snapshots = tracker.open_window()
+    windows = list(tracker.windows) + ([open_window] if open_window else [])
+    layers = tracker.layer_reports(open_snapshots)
+    facts = facts.with_preactivation_scale(
+        {
+            lay.producer: lay.start_preact_std
+            for lay in layers
+            if lay.producer and lay.start_preact_std and math.isfinite(lay.start_preact_std)
+        }
+    )
+    return Observations(layers, windows, facts)
+
+
+def build_report(
+    observations: Observations,
+    tracker: Tracker,
+    thresholds: Thresholds,
+    meta: dict[str, Any],
+) -> Report:
+    """The rules' diagnosis of ``observations`` as a :class:`Report`; ``meta`` gains the
+    tracker's settings and the time."""
+    diagnosis = run_rules(observations, thresholds)
+    meta = {
+        **meta,
+        "steps": tracker.steps,
+        "window": tracker.window,
+        "sample_every": tracker.sample_every,
+        "dormancy_threshold": tracker.dormancy_threshold,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return Report(
+        layers=observations.layers,
+        windows=observations.windows,
+        findings=diagnosis.findings,
+        meta=meta,
+        facts=observations.facts.to_dict(),
+        unjudged=[u.to_dict() for u in diagnosis.unjudged],
+    )
 
 
 def watch(

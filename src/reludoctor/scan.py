@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from reludoctor.errors import InputError
+from reludoctor.keras import is_keras_model
 from reludoctor.monitor import Monitor, _positive_int, _require_module
 from reludoctor.report.model import Report
 from reludoctor.rules import Thresholds
@@ -30,7 +31,8 @@ def scan(
     """Run ``model`` over ``data`` in eval mode under ``no_grad`` and report its dead units.
 
     Args:
-        model: the model to examine; its training mode is restored afterwards.
+        model: the model to examine (a torch ``nn.Module``, or a built Keras model: see
+            :mod:`reludoctor.keras`); its training mode is restored afterwards.
         data: a tensor or numpy array (split into batches of ``batch_size``), a ``DataLoader``
             or any iterable of batches. A batch that is a tuple or list contributes its first
             element (``(inputs, targets)``); a dict is passed as keyword arguments.
@@ -47,6 +49,10 @@ def scan(
         >>> rd.scan(model, torch.randn(100, 4)).layers[0].dead
         3
     """
+    if is_keras_model(model):
+        from reludoctor.keras import scan_keras
+
+        return scan_keras(model, data, batch_size=batch_size, thresholds=thresholds)
     model = _require_module(model, "rd.scan")
     batch_size = _positive_int(batch_size, "batch_size")
     device, dtype = _model_device_and_dtype(model)

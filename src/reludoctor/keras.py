@@ -1,0 +1,372 @@
+"""Keras 3 (TensorFlow backend): watch a ``model.fit`` with :class:`DoctorCallback`, or scan a
+built model with :func:`scan_keras` (``rd.scan`` does it for Keras models).
+
+Every ReLU-family activation is watched: the ``activation=`` of Dense and Conv layers and the
+``ReLU``, ``LeakyReLU``, ``PReLU``, ``ELU`` and ``Activation`` layers. A probe model returns
+each watched layer's input on a probe batch; for layers with a fused activation the
+pre-activation is the layer's own output with the activation left out. The values go to the
+same tracker, rules and :class:`~reludoctor.report.model.Report` as on PyTorch.
+
+    >>> import numpy as np, keras, reludoctor as rd
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu")])
+    >>> _ = model.layers[0].bias.assign(np.full(3, -1e4, "float32"))
+    >>> rd.scan(model, np.random.rand(64, 4).astype("float32")).layers[0].dead
+    3
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from reludoctor.errors import InputError
+from reludoctor.facts import ModelFacts
+from reludoctor.monitor import build_report, observe
+from reludoctor.probes import Site
+from reludoctor.report.model import Report
+from reludoctor.rules import Thresholds
+from reludoctor.tracker import Tracker
+
+#: Keras activation functions (by name) that reludoctor watches, and its name for each kind.
+ACTIVATION_KINDS = {
+    "relu": "relu",
+    "relu6": "relu6",
+    "leaky_relu": "leaky_relu",
+    "elu": "elu",
+    "selu": "selu",
+    "gelu": "gelu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
+def keras_module() -> Any:
+    """The ``keras`` module, on the TensorFlow backend; a clear error otherwise."""
+    try:
+        import keras
+    except ImportError as error:
+        raise InputError(
+            f"reludoctor's Keras support needs Keras 3 with TensorFlow: pip install "
+            f"tensorflow-cpu ({error})"
+        ) from error
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise InputError(
+            f"reludoctor supports Keras on the TensorFlow backend only; this Keras runs on "
+            f"{backend!r}: set KERAS_BACKEND=tensorflow before importing keras"
+        )
+    return keras
+
+
+def is_keras_model(model: Any) -> bool:
+    """Whether ``model`` is a Keras model (without importing Keras when it is not loaded)."""
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(model, keras.Model)
+
+
+@dataclass
+class Watched:
+    """One watched activation: the layer, its kind, and whether it is fused (``activation=``)."""
+
+    layer: Any
+    kind: str
+    fused: bool
+    site: Site
+
+
+def _kind(layer: Any, keras: Any) -> tuple[str, bool] | None:
+    """(kind, fused) for a layer that is or holds a ReLU-family activation, else None."""
+    layers = keras.layers
+    if isinstance(layer, layers.ReLU):
+        if getattr(layer, "negative_slope", 0.0):
+            return "leaky_relu", False
+        return ("relu6" if getattr(layer, "max_value", None) == 6 else "relu"), False
+    if isinstance(layer, layers.LeakyReLU):
+        return "leaky_relu", False
+    if isinstance(layer, layers.PReLU):
+        return "prelu", False
+    if isinstance(layer, layers.ELU):
+        return "elu", False
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", None)
+    if name in ACTIVATION_KINDS:
+        return ACTIVATION_KINDS[name], not isinstance(layer, layers.Activation)
+    return None
+
+
+def watched_layers(model: Any) -> list[Watched]:
+    """Every layer of ``model`` (nested models included) with a ReLU-family activation."""
+    keras = keras_module()
+    found = []
+    for layer in _flat_layers(model):
+        kind = _kind(layer, keras)
+        if kind is None:
+            continue
+        channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
+        site = Site(
+            name=layer.name,
+            kind=kind[0],
+            via="keras",
+            source=type(layer).__name__,
+            producer=layer.name if kind[1] else None,
+            unit_dim=1 if channels_first else -1,  # made non-negative at the first batch
+            weight=None,
+        )
+        found.append(Watched(layer, kind[0], kind[1], site))
+    return found
+
+
+def _flat_layers(model: Any) -> Iterator[Any]:
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            yield from _flat_layers(layer)
+        else:
+            yield layer
+
+
+@contextlib.contextmanager
+def _without_activation(layer: Any) -> Iterator[None]:
+    """The layer computes its pre-activation inside (an eager call: the compiled training
+    function keeps the activation it was traced with)."""
+    keras = keras_module()
+    activation = layer.activation
+    layer.activation = keras.activations.linear
+    try:
+        yield
+    finally:
+        layer.activation = activation
+
+
+class KerasProbe:
+    """Pre-activations and outputs of every watched layer on a batch of model inputs."""
+
+    def __init__(self, model: Any) -> None:
+        keras = keras_module()
+        if not model.built:
+            raise InputError(
+                f"the Keras model {model.name!r} is not built yet: call it on data, fit it, or "
+                "give it a keras.Input, then watch it"
+            )
+        self.model = model
+        self.watched = watched_layers(model)
+        #: Watched layers that cannot be probed, and why.
+        self.skipped: dict[str, str] = {}
+        model_inputs = getattr(model, "inputs", None)
+        if not model_inputs:
+            reason = (
+                "a subclassed model has no symbolic inputs to probe its layers from; build "
+                "it with the functional API or keras.Sequential to watch its layers"
+            )
+            self.skipped = {w.layer.name: reason for w in self.watched}
+            self.watched = []
+        inputs = []
+        kept = []
+        for watched in self.watched:
+            try:
+                inputs.append(watched.layer.input)
+                kept.append(watched)
+            except (AttributeError, ValueError) as error:
+                self.skipped[watched.layer.name] = f"its input cannot be probed ({error})"
+        self.watched = kept
+        if self.skipped:
+            warnings.warn(
+                f"reludoctor cannot watch {len(self.skipped)} activation layer(s) of "
+                f"{model.name!r}: " + "; ".join(f"{n}: {r}" for n, r in self.skipped.items()),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._probe = None
+        if kept:
+            source = model_inputs[0] if len(model_inputs) == 1 else model_inputs
+            self._probe = keras.Model(source, inputs)
+
+    def run(self, batch: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(pre-activation, output) of every watched layer, as float32 arrays."""
+        if self._probe is None:
+            return []
+        try:
+            layer_inputs = self._probe(batch, training=False)
+        except (ValueError, TypeError) as error:
+            shape = getattr(batch, "shape", None)
+            raise InputError(
+                f"the probe data does not fit {self.model.name!r}: {error} (probe batch shape "
+                f"{shape}, model input shape {self.model.input_shape})"
+            ) from None
+        if not isinstance(layer_inputs, (list, tuple)):
+            layer_inputs = [layer_inputs]
+        results = []
+        for watched, x in zip(self.watched, layer_inputs, strict=True):
+            if watched.fused:
+                with _without_activation(watched.layer):
+                    pre = watched.layer(x, training=False)
+                out = watched.layer.activation(pre)
+            else:
+                pre, out = x, watched.layer(x, training=False)
+            results.append((_array(pre), _array(out)))
+        return results
+
+
+def _array(x: Any) -> np.ndarray:
+    return np.array(x, dtype=np.float32)  # a writable copy, as torch.from_numpy wants
+
+
+def _facts(model: Any, tracker: Tracker) -> ModelFacts:
+    keras = keras_module()
+    layers = list(_flat_layers(model))
+    norm = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
+    return ModelFacts(
+        norm_layers=sum(isinstance(layer, norm) for layer in layers),
+        residual_adds=sum(isinstance(layer, keras.layers.Add) for layer in layers),
+        inputs=tracker.inputs.facts(),
+    )
+
+
+class KerasWatch:
+    """The tracker side of a Keras run: feed probe batches, close windows, make the report."""
+
+    def __init__(self, model: Any, *, window: int, thresholds: Thresholds | None = None) -> None:
+        self.probe = KerasProbe(model)
+        self.model = model
+        self.thresholds = thresholds or Thresholds()
+        self.tracker = Tracker(window, 1)
+        self._states: dict[str, Any] = {}
+
+    def observe(self, batch: Any) -> None:
+        """Count one probe batch (pre-activations and outputs of every watched layer)."""
+        inputs = torch.from_numpy(_array(batch))
+        if inputs.dim() >= 4:  # channels last -> channels first, as the input facts read it
+            inputs = inputs.movedim(-1, 1)
+        self.tracker.observe_model_input(inputs)
+        for watched, (pre, out) in zip(self.probe.watched, self.probe.run(batch), strict=True):
+            name = watched.site.name
+            pre_t, out_t = torch.from_numpy(pre), torch.from_numpy(out)
+            if name not in self._states:
+                site = watched.site
+                if site.unit_dim < 0:
+                    site = dataclasses.replace(site, unit_dim=max(pre.ndim - 1, 0))
+                self._states[name] = self.tracker.new_layer(site, pre_t)
+            state = self._states[name]
+            if state is None:
+                continue
+            self.tracker.observe_input(state, pre_t)
+            self.tracker.observe_output(state, out_t)
+
+    def report(self) -> Report:
+        meta: dict[str, Any] = {"model": self.model.name, "framework": "keras"}
+        keras = keras_module()
+        meta["keras"] = keras.__version__
+        if self.probe.skipped:
+            meta["not_watched"] = dict(self.probe.skipped)
+        observations = observe(self.tracker, _facts(self.model, self.tracker))
+        return build_report(observations, self.tracker, self.thresholds, meta)
+
+
+def scan_keras(
+    model: Any, data: Any, *, batch_size: int = 256, thresholds: Thresholds | None = None
+) -> Report:
+    """Run ``model`` over ``data`` (an array, or an iterable of batches or (x, y) pairs) and
+    report its dead units; ``rd.scan`` calls this for Keras models."""
+    watch = KerasWatch(model, window=sys.maxsize, thresholds=thresholds)
+    if isinstance(data, np.ndarray) or hasattr(data, "numpy"):
+        data = np.asarray(data)
+        batches: Any = (data[i : i + batch_size] for i in range(0, len(data), batch_size))
+    else:
+        batches = data
+    seen = 0
+    for batch in batches:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        watch.observe(batch)
+        seen += 1
+    if not seen:
+        raise InputError("rd.scan got no batch of data for the Keras model")
+    watch.tracker.step()
+    report = watch.report()
+    report.meta["source"] = "scan"
+    return report
+
+
+@functools.cache
+def _doctor_callback_class() -> type:
+    keras = keras_module()
+
+    class DoctorCallback(keras.callbacks.Callback):
+        """Watch a Keras ``model.fit``: every ``every`` training batches, run ``probe_data``
+        through the model and count each watched unit; windows of ``window`` batches.
+
+        ``callback.report()`` gives the :class:`~reludoctor.report.model.Report`.
+
+        Example:
+            >>> import numpy as np, keras
+            >>> from reludoctor.keras import DoctorCallback
+            >>> x = np.random.rand(256, 4).astype("float32")
+            >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
+            ...                           keras.layers.Dense(1)])
+            >>> model.compile("adam", "mse")
+            >>> doctor = DoctorCallback(probe_data=x[:64], every=2, window=4)
+            >>> _ = model.fit(x, x[:, :1], epochs=1, batch_size=32, verbose=0,
+            ...               callbacks=[doctor])
+            >>> doctor.report().layers[0].units
+            8
+        """
+
+        def __init__(
+            self,
+            probe_data: Any,
+            *,
+            every: int = 10,
+            window: int = 100,
+            thresholds: Thresholds | None = None,
+        ) -> None:
+            super().__init__()
+            for value, label in ((every, "every"), (window, "window")):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{label} must be a whole number >= 1, got {value!r}")
+            self.probe_data = _array(probe_data)
+            self.every = every
+            self.window = window
+            self.thresholds = thresholds
+            self.watch: KerasWatch | None = None
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.watch = KerasWatch(self.model, window=self.window, thresholds=self.thresholds)
+            self.watch.tracker.learning_rate = self._learning_rate
+            self.watch.observe(self.probe_data)
+
+        def _learning_rate(self) -> float | None:
+            rate = getattr(getattr(self.model, "optimizer", None), "learning_rate", None)
+            try:
+                return float(rate) if rate is not None else None
+            except (TypeError, ValueError):  # a schedule object
+                return None
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            assert self.watch is not None
+            loss = (logs or {}).get("loss")
+            tracker = self.watch.tracker
+            tracker.step(float(loss) if loss is not None else None)
+            if tracker.steps % self.every == 0:
+                self.watch.observe(self.probe_data)
+
+        def report(self) -> Report:
+            """The report so far (the last window and the open one, and the history)."""
+            if self.watch is None:
+                raise RuntimeError("DoctorCallback.report(): the model has not been fit yet")
+            return self.watch.report()
+
+    return DoctorCallback
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DoctorCallback":  # built on first use: Keras is imported only then
+        return _doctor_callback_class()
+    raise AttributeError(name)

@@ -1,0 +1,137 @@
+"""Keras 3 on TensorFlow: the same exact dead units, findings and report as on PyTorch."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import reludoctor as rd
+from reludoctor.errors import InputError
+from reludoctor.keras import DoctorCallback, KerasProbe, keras_module, watched_layers
+
+DEAD = {"conv": [2, 5], "fc": [1, 4, 9], "act": [0, 7]}
+
+
+def planted_model() -> keras.Model:
+    """Conv2D and Dense with fused ReLU, and a Dense followed by a ReLU layer, with bias -1e4
+    on the planted units."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(6, 3, activation="relu", name="conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16, activation="relu", name="fc"),
+            keras.layers.Dense(16, name="lin"),
+            keras.layers.ReLU(name="act"),
+            keras.layers.Dense(3, name="out"),
+        ]
+    )
+    for layer, units in (("conv", DEAD["conv"]), ("fc", DEAD["fc"]), ("lin", DEAD["act"])):
+        bias = model.get_layer(layer).bias.numpy()
+        bias[units] = -1e4
+        model.get_layer(layer).bias.assign(bias)
+    return model
+
+
+def data(n: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.random((n, 8, 8, 1), dtype=np.float32), rng.integers(0, 3, n)
+
+
+def truly_dead(model: keras.Model, x: np.ndarray) -> dict[str, list[int]]:
+    """The oracle: units whose ReLU output is 0 for every sample, from the model's own layers."""
+    names = ["conv", "fc", "act"]
+    outputs = keras.Model(model.inputs[0], [model.get_layer(n).output for n in names])(x)
+    return {
+        name: np.flatnonzero(np.asarray(out).reshape(-1, out.shape[-1]).max(0) <= 0).tolist()
+        for name, out in zip(names, outputs, strict=True)
+    }
+
+
+def test_scan_reports_the_planted_units_exactly():
+    x, _ = data()
+    model = planted_model()
+    report = rd.scan(model, x, batch_size=128)
+    dead = {layer.name: layer.dead_units for layer in report.layers}
+    assert dead == truly_dead(model, x)
+    assert all(set(DEAD[name]) <= set(units) for name, units in dead.items())
+    assert [layer.units for layer in report.layers] == [6, 16, 16]
+    assert report.meta["framework"] == "keras" and report.meta["source"] == "scan"
+    assert {f.layer for f in report.findings if f.code == "dead_units"} == set(DEAD)
+
+
+def test_the_callback_watches_a_real_fit():
+    x, y = data()
+    model = planted_model()
+    model.compile(keras.optimizers.SGD(1e-3), "sparse_categorical_crossentropy")
+    doctor = DoctorCallback(probe_data=x[:128], every=2, window=4)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[doctor])
+    report = doctor.report()
+    dead = {layer.name: layer.dead_units for layer in report.layers}
+    assert dead == truly_dead(model, x[:128])
+    assert all(set(DEAD[name]) <= set(units) for name, units in dead.items())
+    assert report.meta["steps"] == 32
+    assert [w.end_step for w in report.windows if w.complete] == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert all(w.loss_mean is not None for w in report.windows if w.complete)
+    assert report.windows[0].learning_rate == pytest.approx(1e-3)
+    assert {f.layer for f in report.findings if f.code == "dead_units"} == set(DEAD)
+
+
+def test_every_relu_family_activation_is_found_with_its_kind():
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, activation="selu", name="a"),
+            keras.layers.Dense(4, activation="tanh", name="not_watched"),
+            keras.layers.LeakyReLU(name="b"),
+            keras.layers.PReLU(name="c"),
+            keras.layers.ELU(name="d"),
+            keras.layers.Activation("relu", name="e"),
+            keras.layers.ReLU(max_value=6, name="f"),
+        ]
+    )
+    found = {w.layer.name: (w.kind, w.fused) for w in watched_layers(model)}
+    assert found == {
+        "a": ("selu", True),
+        "b": ("leaky_relu", False),
+        "c": ("prelu", False),
+        "d": ("elu", False),
+        "e": ("relu", False),
+        "f": ("relu6", False),
+    }
+
+
+def test_bad_input_gets_a_clear_error():
+    unbuilt = keras.Sequential([keras.layers.Dense(3, activation="relu")])
+    with pytest.raises(InputError, match="not built yet"):
+        KerasProbe(unbuilt)
+    with pytest.raises(InputError, match="does not fit"):
+        rd.scan(planted_model(), np.zeros((4, 5), "float32"))
+    with pytest.raises(ValueError, match="every must be a whole number"):
+        DoctorCallback(probe_data=np.zeros((2, 8, 8, 1)), every=0)
+
+
+def test_a_subclassed_model_is_said_not_to_be_watchable():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fc = keras.layers.Dense(4, activation="relu")
+
+        def call(self, x):
+            return self.fc(x)
+
+    model = Sub()
+    model(np.zeros((2, 3), "float32"))
+    with pytest.warns(RuntimeWarning, match="subclassed model"):
+        report = rd.scan(model, np.ones((8, 3), "float32"))
+    assert report.layers == [] and "subclassed model" in next(
+        iter(report.meta["not_watched"].values())
+    )
+
+
+def test_another_backend_is_refused_with_what_is_supported(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(InputError, match=r"TensorFlow backend only.*KERAS_BACKEND=tensorflow"):
+        keras_module()
