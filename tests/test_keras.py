@@ -66,7 +66,7 @@ def test_the_callback_watches_a_real_fit():
     x, y = data()
     model = planted_model()
     model.compile(keras.optimizers.SGD(1e-3), "sparse_categorical_crossentropy")
-    doctor = DoctorCallback(probe_data=x[:128], every=2, window=4)
+    doctor = DoctorCallback(x[:128], y[:128], every=2, window=4)
     model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[doctor])
     report = doctor.report()
     dead = {layer.name: layer.dead_units for layer in report.layers}
@@ -76,6 +76,10 @@ def test_the_callback_watches_a_real_fit():
     assert [w.end_step for w in report.windows if w.complete] == [4, 8, 12, 16, 20, 24, 28, 32]
     assert all(w.loss_mean is not None for w in report.windows if w.complete)
     assert report.windows[0].learning_rate == pytest.approx(1e-3)
+    for layer in report.layers:  # dead units get no gradient; the others do
+        assert layer.grad_norm is not None and layer.grad_norm > 0
+        assert set(DEAD[layer.name]) <= set(layer.zero_grad_units or [])
+        assert len(layer.zero_grad_units or []) < layer.units
     assert {f.layer for f in report.findings if f.code == "dead_units"} == set(DEAD)
 
 
@@ -135,3 +139,24 @@ def test_another_backend_is_refused_with_what_is_supported(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(InputError, match=r"TensorFlow backend only.*KERAS_BACKEND=tensorflow"):
         keras_module()
+
+
+def test_the_log_goes_beside_keras_own_tensorboard_log(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = data(256)
+    model = planted_model()
+    model.compile(keras.optimizers.SGD(1e-3), "sparse_categorical_crossentropy")
+    doctor = DoctorCallback(x[:64], y[:64], every=1, window=4, log_dir=tmp_path)
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path))
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[board, doctor])
+    assert (tmp_path / "train").is_dir()  # Keras's own run
+    ours = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "tensors": 0})
+    ours.Reload()
+    report = doctor.report()
+    fc = report.layer("fc")
+    steps = [e.step for e in ours.Scalars("dead_fraction/fc")]
+    values = [e.value for e in ours.Scalars("dead_fraction/fc")]
+    assert steps == [4, 8]
+    assert values[-1] == pytest.approx(fc.dead_fraction)
+    assert "diagnosis" in ours.Tags()["tensors"]

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from reludoctor.monitor import build_report, observe
 from reludoctor.probes import Site
 from reludoctor.report.model import Report
 from reludoctor.rules import Thresholds
+from reludoctor.tensorboard import TensorBoardLog
 from reludoctor.tracker import Tracker
 
 #: Keras activation functions (by name) that reludoctor watches, and its name for each kind.
@@ -185,6 +188,7 @@ class KerasProbe:
                 stacklevel=3,
             )
         self._probe = None
+        self._compiled: Any = None
         if kept:
             source = model_inputs[0] if len(model_inputs) == 1 else model_inputs
             self._probe = keras.Model(source, inputs)
@@ -193,14 +197,25 @@ class KerasProbe:
         """(pre-activation, output) of every watched layer, as float32 arrays."""
         if self._probe is None:
             return []
+        if self._compiled is None:
+            import tensorflow as tf
+
+            self._compiled = tf.function(self._pre_and_post, reduce_retracing=True)
         try:
-            layer_inputs = self._probe(batch, training=False)
+            results = self._compiled(batch)
         except (ValueError, TypeError) as error:
             shape = getattr(batch, "shape", None)
             raise InputError(
                 f"the probe data does not fit {self.model.name!r}: {error} (probe batch shape "
                 f"{shape}, model input shape {self.model.input_shape})"
             ) from None
+        return [(_array(pre), _array(out)) for pre, out in results]
+
+    def _pre_and_post(self, batch: Any) -> list[tuple[Any, Any]]:
+        """Traced once per input signature by tf.function: fused activations are left out
+        only while tracing, so the traced graph computes pre-activations and the live layers
+        (and the compiled training step) keep their activation."""
+        layer_inputs = self._probe(batch, training=False)
         if not isinstance(layer_inputs, (list, tuple)):
             layer_inputs = [layer_inputs]
         results = []
@@ -211,8 +226,17 @@ class KerasProbe:
                 out = watched.layer.activation(pre)
             else:
                 pre, out = x, watched.layer(x, training=False)
-            results.append((_array(pre), _array(out)))
+            results.append((pre, out))
         return results
+
+
+def _producer(watched: Watched) -> Any:
+    """The layer whose kernel feeds the watched activation (itself when fused), or None."""
+    layer = watched.layer
+    if not watched.fused:
+        history = getattr(layer.input, "_keras_history", None)
+        layer = history[0] if history else None
+    return layer if getattr(layer, "kernel", None) is not None else None
 
 
 def _array(x: Any) -> np.ndarray:
@@ -239,13 +263,27 @@ class KerasWatch:
         self.thresholds = thresholds or Thresholds()
         self.tracker = Tracker(window, 1)
         self._states: dict[str, Any] = {}
+        self._producers: dict[str, Any] = {}
+        self._gradients: Any = None
 
-    def observe(self, batch: Any) -> None:
-        """Count one probe batch (pre-activations and outputs of every watched layer)."""
-        inputs = torch.from_numpy(_array(batch))
-        if inputs.dim() >= 4:  # channels last -> channels first, as the input facts read it
-            inputs = inputs.movedim(-1, 1)
-        self.tracker.observe_model_input(inputs)
+    def _kernel_gradients(self, batch: Any, targets: Any) -> list[Any]:
+        """Gradient of the compiled loss on one batch for each producer's kernel (traced)."""
+        import tensorflow as tf
+
+        kernels = [layer.kernel for layer in self._producers.values()]
+        with tf.GradientTape() as tape:
+            predictions = self.model(batch, training=False)
+            loss = self.model.compute_loss(x=batch, y=targets, y_pred=predictions, training=False)
+        return tape.gradient(loss, kernels)
+
+    def observe(self, batch: Any, targets: Any = None) -> None:
+        """Count one probe batch (pre-activations and outputs of every watched layer); with
+        ``targets``, also the gradient of the compiled loss on it for each layer's weights."""
+        if self.tracker.wants_model_input():
+            inputs = torch.from_numpy(_array(batch))
+            if inputs.dim() >= 4:  # channels last -> channels first, as the input facts read it
+                inputs = inputs.movedim(-1, 1)
+            self.tracker.observe_model_input(inputs)
         for watched, (pre, out) in zip(self.probe.watched, self.probe.run(batch), strict=True):
             name = watched.site.name
             pre_t, out_t = torch.from_numpy(pre), torch.from_numpy(out)
@@ -259,6 +297,24 @@ class KerasWatch:
                 continue
             self.tracker.observe_input(state, pre_t)
             self.tracker.observe_output(state, out_t)
+        if targets is not None:
+            self._observe_gradients(batch, targets)
+
+    def _observe_gradients(self, batch: Any, targets: Any) -> None:
+        import tensorflow as tf
+
+        if self._gradients is None:
+            watched = self.probe.watched
+            self._producers = {w.site.name: p for w in watched if (p := _producer(w)) is not None}
+            self._gradients = tf.function(self._kernel_gradients, reduce_retracing=True)
+        if not self._producers:
+            return
+        for name, grad in zip(self._producers, self._gradients(batch, targets), strict=True):
+            state = self._states.get(name)
+            if grad is None or state is None:
+                continue
+            rows = np.moveaxis(_array(grad), -1, 0)  # one row per output unit (channels last)
+            self.tracker.observe_weight_gradient(state, torch.from_numpy(rows.copy()))
 
     def report(self) -> Report:
         meta: dict[str, Any] = {"model": self.model.name, "framework": "keras"}
@@ -301,7 +357,12 @@ def _doctor_callback_class() -> type:
 
     class DoctorCallback(keras.callbacks.Callback):
         """Watch a Keras ``model.fit``: every ``every`` training batches, run ``probe_data``
-        through the model and count each watched unit; windows of ``window`` batches.
+        through the model and count each watched unit; windows of ``window`` batches. With
+        ``probe_targets``, the compiled loss's gradient on the probe batch is measured for the
+        weights feeding each watched layer (gradient norms, units with zero gradient). With
+        ``log_dir`` (it may be the one given to ``keras.callbacks.TensorBoard``), the windows
+        are written there as TensorBoard scalars, histograms and findings, as
+        ``rd.watch(log_dir=...)`` does.
 
         ``callback.report()`` gives the :class:`~reludoctor.report.model.Report`.
 
@@ -322,25 +383,41 @@ def _doctor_callback_class() -> type:
         def __init__(
             self,
             probe_data: Any,
+            probe_targets: Any = None,
             *,
-            every: int = 10,
+            every: int = 50,
             window: int = 100,
             thresholds: Thresholds | None = None,
+            log_dir: str | os.PathLike[str] | None = None,
         ) -> None:
             super().__init__()
+            # Keras may then run on_train_batch_end on a worker thread, beside the next steps
+            # (no sync of the loss each step); the lock keeps the tracker to one caller.
+            self.async_safe = True
+            self._lock = threading.Lock()
             for value, label in ((every, "every"), (window, "window")):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{label} must be a whole number >= 1, got {value!r}")
             self.probe_data = _array(probe_data)
+            self.probe_targets = None if probe_targets is None else np.asarray(probe_targets)
             self.every = every
             self.window = window
             self.thresholds = thresholds
+            self.log_dir = log_dir
+            self.tensorboard: TensorBoardLog | None = None
             self.watch: KerasWatch | None = None
 
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
             self.watch = KerasWatch(self.model, window=self.window, thresholds=self.thresholds)
             self.watch.tracker.learning_rate = self._learning_rate
-            self.watch.observe(self.probe_data)
+            if self.log_dir is not None:
+                self.tensorboard = TensorBoardLog(self.log_dir, self.watch.tracker)
+                self.watch.tracker.on_window.append(self.tensorboard)
+            self.watch.observe(self.probe_data, self.probe_targets)
+
+        def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+            if self.tensorboard is not None:
+                self.tensorboard.close(self.report())
 
         def _learning_rate(self) -> float | None:
             rate = getattr(getattr(self.model, "optimizer", None), "learning_rate", None)
@@ -352,10 +429,11 @@ def _doctor_callback_class() -> type:
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             assert self.watch is not None
             loss = (logs or {}).get("loss")
-            tracker = self.watch.tracker
-            tracker.step(float(loss) if loss is not None else None)
-            if tracker.steps % self.every == 0:
-                self.watch.observe(self.probe_data)
+            with self._lock:
+                tracker = self.watch.tracker
+                tracker.step(float(loss) if loss is not None else None)
+                if tracker.steps % self.every == 0:
+                    self.watch.observe(self.probe_data, self.probe_targets)
 
         def report(self) -> Report:
             """The report so far (the last window and the open one, and the history)."""

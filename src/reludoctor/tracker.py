@@ -373,21 +373,24 @@ class Tracker(Sink):
             grad = param.grad
             if grad is None or grad.is_sparse or grad.device != layer.device:
                 return
-            grad = grad.detach()
-            layer.grad_samples += 1
             if layer.saved_rows is None:  # the optimizer has not stepped yet: keep W's rows
                 layer.saved_rows = param.detach()[:UPDATE_ROWS].clone()
                 self._saved.append(layer)
-            if grad.dim() >= 2 and grad.shape[0] == layer.units:
-                # One pass over the gradient: per-unit row norms give both statistics.
-                rows = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float32)
-                layer.grad_row_sq.addcmul_(rows, rows)
-                torch.maximum(layer.grad_row_max, rows, out=layer.grad_row_max)
-                layer.grad_row_samples += 1
-            else:
-                layer.grad_sq += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            self.observe_weight_gradient(layer, grad.detach())
 
         return hook
+
+    def observe_weight_gradient(self, layer: LayerState, grad: torch.Tensor) -> None:
+        """Count the gradient of the weight feeding ``layer`` (rows = units when they match)."""
+        layer.grad_samples += 1
+        if grad.dim() >= 2 and grad.shape[0] == layer.units:
+            # One pass over the gradient: per-unit row norms give both statistics.
+            rows = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float32)
+            layer.grad_row_sq.addcmul_(rows, rows)
+            torch.maximum(layer.grad_row_max, rows, out=layer.grad_row_max)
+            layer.grad_row_samples += 1
+        else:
+            layer.grad_sq += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
 
     # -- steps and windows ----------------------------------------------------------------
     def _reset_loss(self) -> None:
