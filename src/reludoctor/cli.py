@@ -65,11 +65,21 @@ def demo(
         bool, typer.Option("--treat", help="Then try the ranked remedies on copies (rd.treat).")
     ] = False,
     treat_steps: Annotated[int, typer.Option(min=1, help="Training steps per remedy.")] = 500,
+    framework: Annotated[
+        str, typer.Option(help="pytorch, or keras (Keras 3 on TensorFlow, the article's own).")
+    ] = "pytorch",
 ) -> None:
     """Reproduce "Is ReLU Dead?" (inputs uniform in (-1, 0), one ReLU layer) and diagnose it."""
     from reludoctor.scenarios import IsReluDead
 
     console = Console(stderr=as_json)
+    if framework not in ("pytorch", "keras"):
+        raise _fail(f"--framework must be pytorch or keras, not {framework!r}")
+    if framework == "keras":
+        if treat:
+            raise _fail("--treat works on the PyTorch demo only (Keras remedies are not built)")
+        _keras_demo(out, epochs, samples, as_json, quiet, console)
+        return
     scenario = IsReluDead(samples=samples, epochs=epochs)
     if not quiet:
         console.print(f"[bold]{scenario.name}[/]")
@@ -104,6 +114,33 @@ def demo(
     console.print(f"TensorBoard: tensorboard --logdir {logs}")
     if treat:
         _demo_treatment(scenario, report, treat_steps, console)
+
+
+def _keras_demo(
+    out: Path, epochs: int, samples: int, as_json: bool, quiet: bool, console: Console
+) -> None:
+    from reludoctor.keras_scenarios import KerasIsReluDead
+
+    scenario = KerasIsReluDead(samples=samples, epochs=epochs)
+    if not quiet:
+        console.print(f"[bold]{scenario.name}[/]")
+    logs = out / "tensorboard"
+    try:
+        with _progress(console, quiet or as_json) as progress, silenced_live_findings():
+            progress.add_task("training (Keras)", total=None)
+            report = scenario.run(log_dir=str(logs))
+    except InputError as error:
+        raise _fail(str(error)) from error
+    paths = _write_report(report, out)
+    if as_json:
+        typer.echo(report.to_json())
+        return
+    if not quiet:
+        loss = report.meta["train_loss"]
+        console.print(f"train loss {loss[0]:.4f} -> {loss[-1]:.4f} over {epochs} epochs")
+    print_summary(report, console)
+    console.print(f"report: {', '.join(str(p) for p in paths)}")
+    console.print(f"TensorBoard: tensorboard --logdir {logs}")
 
 
 def _demo_treatment(scenario: Any, report: Report, steps: int, console: Console) -> None:

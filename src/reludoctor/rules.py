@@ -237,8 +237,9 @@ def loss_plateau(obs: Observations, t: Thresholds) -> Result:
             "warning",
             None,
             f"the loss stopped improving: it {_change(improvement)} over the last window "
-            f"(noise about {2 * noise:.1%}) and {_change(overall)} since the first step; now "
-            f"near {statistics.fmean(late):.4g}",
+            f"(under the {max(t.plateau_improvement, 2 * noise):.1%} that counts as progress "
+            f"here) and {_change(overall)} since the first step; now near "
+            f"{statistics.fmean(late):.4g}",
             {
                 "improvement_last_window": round(improvement, 5),
                 "improvement_since_start": round(overall, 5),
