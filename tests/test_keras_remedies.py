@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 import reludoctor as rd
-from reludoctor.keras_remedies import add_batch_norm, kaiming_init, swap_activation
+from reludoctor.keras_remedies import (
+    add_batch_norm,
+    kaiming_init,
+    selu_sequential,
+    swap_activation,
+)
 from reludoctor.remedies import RemedyError
 
 
@@ -101,3 +106,17 @@ def test_bad_input_is_refused_and_changes_nothing():
     with pytest.raises(RemedyError, match="no ReLU activation to swap"):
         swap_activation(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))
     assert functional.layers[1].activation.__name__ == "relu"
+
+
+def test_selu_sequential_swaps_activations_initialiser_and_dropout():
+    model, x, y = model_and_data()
+    new, record = selu_sequential(model)
+    kinds = [type(layer).__name__ for layer in new.layers]
+    assert kinds == ["Dense", "AlphaDropout", "Dense", "Activation", "Dense"]
+    assert new.layers[0].activation.__name__ == "selu"
+    assert new.layers[1].rate == 0.2 and new.layers[3].activation.__name__ == "selu"
+    assert np.std(new.layers[0].kernel.numpy()) == pytest.approx(np.sqrt(1 / 8), rel=0.15)
+    assert "drop: Dropout(0.2) -> AlphaDropout" in record.changed
+    assert {layer.kind for layer in rd.scan(new, x).layers} == {"selu"}
+    new.fit(x, y, epochs=1, verbose=0)
+    assert model.get_layer("a").activation.__name__ == "relu"  # the original is untouched

@@ -114,7 +114,7 @@ def swap_activation(
     a model saved afterwards needs it as a custom object). ``to="selu"`` also re-initialises
     the layers it now feeds with LeCun normal; a
     ``Dropout`` cannot be turned into ``AlphaDropout`` in place and is listed in ``skipped``
-    (rebuild the model with ``AlphaDropout`` of the same rate)."""
+    (for a ``keras.Sequential``, :func:`selu_sequential` rebuilds it with both)."""
     keras = _require_keras_model(model, "swap_activation")
     if to not in KERAS_SWAP_TARGETS:
         raise RemedyError(
@@ -162,17 +162,72 @@ def swap_activation(
     return record
 
 
+def _compiled_like(new: Any, model: Any) -> Any:
+    """``new`` compiled with ``model``'s loss and a fresh optimizer of the same settings."""
+    if getattr(model, "optimizer", None) is not None and getattr(model, "loss", None):
+        optimizer = type(model.optimizer).from_config(model.optimizer.get_config())
+        new.compile(optimizer=optimizer, loss=model.loss)
+    return new
+
+
+def _require_sequential(model: Any, remedy: str, advice: str) -> Any:
+    keras = _require_keras_model(model, remedy)
+    if not isinstance(model, keras.Sequential):
+        raise RemedyError(f"{remedy}: {model.name!r} is not a keras.Sequential; {advice}")
+    return keras
+
+
+def selu_sequential(model: Any) -> tuple[Any, RemedyRecord]:
+    """A new ``keras.Sequential`` made for SELU, as the brief prescribes: every ReLU (fused or
+    a layer) becomes SELU, the Dense/Conv layers feeding them get LeCun-normal weights and zero
+    biases, and every ``Dropout`` becomes ``AlphaDropout`` of the same rate. The other layers
+    are shared with ``model``; compiled like it, with a fresh optimizer."""
+    keras = _require_sequential(
+        model, "selu_sequential", "use swap_activation(model, 'selu') and AlphaDropout in its code"
+    )
+    record = RemedyRecord("selu_sequential")
+    originals = list(model.layers)
+    layers: list[Any] = [keras.Input(model.input_shape[1:])]
+    for i, layer in enumerate(originals):
+        kind = _kind(layer, keras)
+        has_kernel = getattr(layer, "kernel", None) is not None
+        followed = i + 1 < len(originals) and _kind(originals[i + 1], keras) is not None
+        if isinstance(layer, keras.layers.Dropout):
+            layers.append(keras.layers.AlphaDropout(layer.rate, name=f"{layer.name}_alpha"))
+            record.changed.append(f"{layer.name}: Dropout({layer.rate}) -> AlphaDropout")
+        elif has_kernel and (kind is not None or followed):
+            config = layer.get_config() | {
+                "name": f"{layer.name}_selu",
+                "kernel_initializer": "lecun_normal",
+                "bias_initializer": "zeros",
+            }
+            if kind is not None:
+                config["activation"] = "selu"
+            layers.append(type(layer).from_config(config))
+            fused = ", selu" if kind is not None else ""
+            record.changed.append(f"{layer.name}: LeCun normal weights{fused}")
+        elif kind is not None:
+            layers.append(keras.layers.Activation("selu", name=f"{layer.name}_selu"))
+            record.changed.append(f"{layer.name}: {kind[0]} -> selu")
+        else:
+            layers.append(layer)
+    if not any("selu" in change for change in record.changed):
+        raise RemedyError("selu_sequential: no ReLU-family activation to turn into SELU")
+    new = keras.Sequential(layers, name=f"{model.name}_selu")
+    record.details["model"] = new.name
+    return _compiled_like(new, model), record
+
+
 def add_batch_norm(model: Any) -> tuple[Any, RemedyRecord]:
     """A new ``keras.Sequential`` with ``BatchNormalization`` between each Dense/Conv layer and
     its ReLU (fused activations are split out into an ``Activation`` layer); the other layers
     are shared with ``model`` (same weights). Compiled like ``model``, with a fresh optimizer
     of the same settings. A model that is not Sequential gets a clear error."""
-    keras = _require_keras_model(model, "add_batch_norm")
-    if not isinstance(model, keras.Sequential):
-        raise RemedyError(
-            f"add_batch_norm: {model.name!r} is not a keras.Sequential; add "
-            "keras.layers.BatchNormalization() before each activation in its code"
-        )
+    keras = _require_sequential(
+        model,
+        "add_batch_norm",
+        "add keras.layers.BatchNormalization() before each activation in its code",
+    )
     record = RemedyRecord("add_batch_norm")
     layers: list[Any] = [keras.Input(model.input_shape[1:])]
     originals = list(model.layers)
@@ -199,8 +254,5 @@ def add_batch_norm(model: Any) -> tuple[Any, RemedyRecord]:
     if not record.changed:
         raise RemedyError("add_batch_norm: no Dense/Conv layer is followed by a ReLU-family one")
     new = keras.Sequential(layers, name=f"{model.name}_batch_norm")
-    if getattr(model, "optimizer", None) is not None and getattr(model, "loss", None):
-        optimizer = type(model.optimizer).from_config(model.optimizer.get_config())
-        new.compile(optimizer=optimizer, loss=model.loss)
     record.details["model"] = new.name
-    return new, record
+    return _compiled_like(new, model), record
