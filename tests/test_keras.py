@@ -60,6 +60,16 @@ def test_scan_reports_the_planted_units_exactly():
     assert [layer.units for layer in report.layers] == [6, 16, 16]
     assert report.meta["framework"] == "keras" and report.meta["source"] == "scan"
     assert {f.layer for f in report.findings if f.code == "dead_units"} == set(DEAD)
+    assert report.windows[-1].output_spread > 0.01  # the outputs differ across inputs
+
+
+def test_identical_outputs_are_seen_in_keras_too():
+    x, _ = data(256)
+    model = planted_model()
+    model.get_layer("out").kernel.assign(np.zeros((16, 3), "float32"))  # output = its bias
+    report = rd.scan(model, x)
+    assert report.windows[-1].output_spread == 0.0
+    assert "identical_outputs" in {f.code for f in report.findings}
 
 
 def test_the_callback_watches_a_real_fit():

@@ -20,8 +20,9 @@ def test_seed_001_gets_the_same_causes_as_in_pytorch(hidden):
     assert torch_report is not None
     causes = [f.code for f in keras_report.causes()]
     assert causes == [f.code for f in torch_report.causes()] == ["unnormalized_inputs"]
-    symptoms = {f.code for f in keras_report.findings if f.kind == "symptom"}
-    assert {"dead_units", "loss_plateau"} <= symptoms
+    codes = sorted({f.code for f in keras_report.findings})
+    assert codes == sorted({f.code for f in torch_report.findings})
+    assert {"dead_units", "identical_outputs", "loss_plateau"} <= set(codes)
     first = keras_report.layers[0]
     assert first.dead == first.units and first.grad_norm == 0.0
 

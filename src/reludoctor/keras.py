@@ -191,33 +191,33 @@ class KerasProbe:
         self._compiled: Any = None
         if kept:
             source = model_inputs[0] if len(model_inputs) == 1 else model_inputs
-            self._probe = keras.Model(source, inputs)
+            # the model's first output comes last: how much it varies across the batch
+            self._probe = keras.Model(source, [*inputs, model.outputs[0]])
 
-    def run(self, batch: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(pre-activation, output) of every watched layer, as float32 arrays."""
+    def run(self, batch: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], Any]:
+        """(pre-activation, output) of every watched layer as float32 arrays, and the model's
+        first output on the batch (None when nothing is watched)."""
         if self._probe is None:
-            return []
+            return [], None
         if self._compiled is None:
             import tensorflow as tf
 
             self._compiled = tf.function(self._pre_and_post, reduce_retracing=True)
         try:
-            results = self._compiled(batch)
+            results, output = self._compiled(batch)
         except (ValueError, TypeError) as error:
             shape = getattr(batch, "shape", None)
             raise InputError(
                 f"the probe data does not fit {self.model.name!r}: {error} (probe batch shape "
                 f"{shape}, model input shape {self.model.input_shape})"
             ) from None
-        return [(_array(pre), _array(out)) for pre, out in results]
+        return [(_array(pre), _array(out)) for pre, out in results], _array(output)
 
-    def _pre_and_post(self, batch: Any) -> list[tuple[Any, Any]]:
+    def _pre_and_post(self, batch: Any) -> tuple[list[tuple[Any, Any]], Any]:
         """Traced once per input signature by tf.function: fused activations are left out
         only while tracing, so the traced graph computes pre-activations and the live layers
         (and the compiled training step) keep their activation."""
-        layer_inputs = self._probe(batch, training=False)
-        if not isinstance(layer_inputs, (list, tuple)):
-            layer_inputs = [layer_inputs]
+        *layer_inputs, output = self._probe(batch, training=False)
         results = []
         for watched, x in zip(self.watched, layer_inputs, strict=True):
             if watched.fused:
@@ -227,7 +227,7 @@ class KerasProbe:
             else:
                 pre, out = x, watched.layer(x, training=False)
             results.append((pre, out))
-        return results
+        return results, output
 
 
 def _producer(watched: Watched) -> Any:
@@ -284,7 +284,10 @@ class KerasWatch:
             if inputs.dim() >= 4:  # channels last -> channels first, as the input facts read it
                 inputs = inputs.movedim(-1, 1)
             self.tracker.observe_model_input(inputs)
-        for watched, (pre, out) in zip(self.probe.watched, self.probe.run(batch), strict=True):
+        results, output = self.probe.run(batch)
+        if output is not None:
+            self.tracker.observe_model_output(torch.from_numpy(output))
+        for watched, (pre, out) in zip(self.probe.watched, results, strict=True):
             name = watched.site.name
             pre_t, out_t = torch.from_numpy(pre), torch.from_numpy(out)
             if name not in self._states:
