@@ -127,22 +127,34 @@ def test_bad_input_gets_a_clear_error():
         DoctorCallback(probe_data=np.zeros((2, 8, 8, 1)), every=0)
 
 
-def test_a_subclassed_model_is_said_not_to_be_watchable():
+def test_a_subclassed_model_is_watched_through_its_layers_calls():
     class Sub(keras.Model):
         def __init__(self):
             super().__init__()
-            self.fc = keras.layers.Dense(4, activation="relu")
+            self.fc = keras.layers.Dense(8, activation="relu")
+            self.act = keras.layers.ReLU()
+            self.lin = keras.layers.Dense(6)
+            self.unused = keras.layers.Dense(3, activation="relu")
+            self.out = keras.layers.Dense(1)
 
         def call(self, x):
-            return self.fc(x)
+            return self.out(self.act(self.lin(self.fc(x))))
 
+    keras.utils.set_random_seed(0)
     model = Sub()
-    model(np.zeros((2, 3), "float32"))
-    with pytest.warns(RuntimeWarning, match="subclassed model"):
-        report = rd.scan(model, np.ones((8, 3), "float32"))
-    assert report.layers == [] and "subclassed model" in next(
-        iter(report.meta["not_watched"].values())
-    )
+    x = np.random.default_rng(0).random((64, 3), dtype=np.float32)
+    model(x[:2])
+    bias = model.fc.bias.numpy()
+    bias[[1, 5]] = -1e4
+    model.fc.bias.assign(bias)
+    with pytest.warns(RuntimeWarning, match="did not run in a forward"):
+        report = rd.scan(model, x)
+    fc = report.layer(model.fc.name)
+    expected = np.flatnonzero((x @ model.fc.kernel.numpy() + bias).max(0) <= 0).tolist()
+    assert fc.dead_units == expected and {1, 5} <= set(expected)
+    assert [layer.units for layer in report.layers] == [8, 6]
+    assert model.unused.name in report.meta["not_watched"]
+    assert "call" not in vars(model.fc)  # the layers' own call is back
 
 
 def test_another_backend_is_refused_with_what_is_supported(monkeypatch):

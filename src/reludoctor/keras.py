@@ -164,13 +164,13 @@ class KerasProbe:
         #: Watched layers that cannot be probed, and why.
         self.skipped: dict[str, str] = {}
         model_inputs = getattr(model, "inputs", None)
-        if not model_inputs:
-            reason = (
-                "a subclassed model has no symbolic inputs to probe its layers from; build "
-                "it with the functional API or keras.Sequential to watch its layers"
-            )
-            self.skipped = {w.layer.name: reason for w in self.watched}
-            self.watched = []
+        #: A subclassed model has no graph to probe: its layers' calls are intercepted during
+        #: an eager forward instead (slower; layers that do not run in it are skipped).
+        self.intercepting = not model_inputs
+        self._probe = None
+        self._compiled: Any = None
+        if self.intercepting:
+            return
         inputs = []
         kept = []
         for watched in self.watched:
@@ -180,23 +180,26 @@ class KerasProbe:
             except (AttributeError, ValueError) as error:
                 self.skipped[watched.layer.name] = f"its input cannot be probed ({error})"
         self.watched = kept
-        if self.skipped:
-            warnings.warn(
-                f"reludoctor cannot watch {len(self.skipped)} activation layer(s) of "
-                f"{model.name!r}: " + "; ".join(f"{n}: {r}" for n, r in self.skipped.items()),
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        self._probe = None
-        self._compiled: Any = None
+        self._warn_skipped()
         if kept:
             source = model_inputs[0] if len(model_inputs) == 1 else model_inputs
             # the model's first output comes last: how much it varies across the batch
             self._probe = keras.Model(source, [*inputs, model.outputs[0]])
 
+    def _warn_skipped(self) -> None:
+        if self.skipped:
+            warnings.warn(
+                f"reludoctor cannot watch {len(self.skipped)} activation layer(s) of "
+                f"{self.model.name!r}: " + "; ".join(f"{n}: {r}" for n, r in self.skipped.items()),
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     def run(self, batch: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], Any]:
         """(pre-activation, output) of every watched layer as float32 arrays, and the model's
         first output on the batch (None when nothing is watched)."""
+        if self.intercepting:
+            return self._run_intercepted(batch)
         if self._probe is None:
             return [], None
         if self._compiled is None:
@@ -212,6 +215,46 @@ class KerasProbe:
                 f"{shape}, model input shape {self.model.input_shape})"
             ) from None
         return [(_array(pre), _array(out)) for pre, out in results], _array(output)
+
+    def _run_intercepted(self, batch: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], Any]:
+        """One eager forward with each watched layer's ``call`` wrapped to keep its input."""
+        seen: dict[int, Any] = {}
+
+        def keeping(layer: Any, call: Any) -> Any:
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                seen.setdefault(id(layer), args[0] if args else next(iter(kwargs.values())))
+                return call(*args, **kwargs)
+
+            return wrapped
+
+        for watched in self.watched:
+            object.__setattr__(watched.layer, "call", keeping(watched.layer, watched.layer.call))
+        try:
+            output = self.model(batch, training=False)
+        except (ValueError, TypeError) as error:
+            raise InputError(f"the probe data does not fit {self.model.name!r}: {error}") from None
+        finally:
+            for watched in self.watched:
+                object.__delattr__(watched.layer, "call")
+        ran = [w for w in self.watched if id(w.layer) in seen]
+        if len(ran) < len(self.watched):
+            reason = "it did not run in a forward of the model"
+            self.skipped.update({w.layer.name: reason for w in self.watched if w not in ran})
+            self.watched = ran
+            self._warn_skipped()
+        results = []
+        for watched in ran:
+            x = seen[id(watched.layer)]
+            if watched.fused:
+                with _without_activation(watched.layer):
+                    pre = watched.layer(x, training=False)
+                out = watched.layer.activation(pre)
+            else:
+                pre, out = x, watched.layer(x, training=False)
+            results.append((_array(pre), _array(out)))
+        if isinstance(output, (list, tuple)):
+            output = output[0]
+        return results, _array(output)
 
     def _pre_and_post(self, batch: Any) -> tuple[list[tuple[Any, Any]], Any]:
         """Traced once per input signature by tf.function: fused activations are left out
@@ -234,7 +277,10 @@ def _producer(watched: Watched) -> Any:
     """The layer whose kernel feeds the watched activation (itself when fused), or None."""
     layer = watched.layer
     if not watched.fused:
-        history = getattr(layer.input, "_keras_history", None)
+        try:
+            history = getattr(layer.input, "_keras_history", None)
+        except (AttributeError, ValueError):  # a subclassed model's layer: no graph to follow
+            return None
         layer = history[0] if history else None
     return layer if getattr(layer, "kernel", None) is not None else None
 
