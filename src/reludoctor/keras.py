@@ -244,13 +244,7 @@ class KerasProbe:
             self._warn_skipped()
         results = []
         for watched in ran:
-            x = seen[id(watched.layer)]
-            if watched.fused:
-                with _without_activation(watched.layer):
-                    pre = watched.layer(x, training=False)
-                out = watched.layer.activation(pre)
-            else:
-                pre, out = x, watched.layer(x, training=False)
+            pre, out = _pre_and_out(watched, seen[id(watched.layer)])
             results.append((_array(pre), _array(out)))
         if isinstance(output, (list, tuple)):
             output = output[0]
@@ -261,16 +255,19 @@ class KerasProbe:
         only while tracing, so the traced graph computes pre-activations and the live layers
         (and the compiled training step) keep their activation."""
         *layer_inputs, output = self._probe(batch, training=False)
-        results = []
-        for watched, x in zip(self.watched, layer_inputs, strict=True):
-            if watched.fused:
-                with _without_activation(watched.layer):
-                    pre = watched.layer(x, training=False)
-                out = watched.layer.activation(pre)
-            else:
-                pre, out = x, watched.layer(x, training=False)
-            results.append((pre, out))
+        results = [
+            _pre_and_out(watched, x) for watched, x in zip(self.watched, layer_inputs, strict=True)
+        ]
         return results, output
+
+
+def _pre_and_out(watched: Watched, x: Any) -> tuple[Any, Any]:
+    """The watched activation's pre-activation and output, from the layer's input ``x``."""
+    if not watched.fused:
+        return x, watched.layer(x, training=False)
+    with _without_activation(watched.layer):
+        pre = watched.layer(x, training=False)
+    return pre, watched.layer.activation(pre)
 
 
 def _producer(watched: Watched) -> Any:

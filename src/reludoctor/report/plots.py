@@ -179,13 +179,18 @@ def loss_curve(report: Report) -> str | None:
         return _svg(fig)
 
 
+def _panel_grid(panels: int) -> tuple[int, int]:
+    """(columns, rows) for ``panels`` per-layer panels, at most three a row."""
+    columns = min(3, panels)
+    return columns, math.ceil(panels / columns)
+
+
 def unit_grids(layers: Sequence[LayerReport]) -> str | None:
     """One grid of units per layer: alive, dormant (ReDo's tau), dead."""
     layers = [layer for layer in layers if layer.units][:PANELS]
     if not layers:
         return None
-    columns = min(3, len(layers))
-    rows = math.ceil(len(layers) / columns)
+    columns, rows = _panel_grid(len(layers))
     cmap = ListedColormap([ALIVE, DORMANT, DEAD, "#ffffff"])
     with _figure(9.5, 2.4 * rows + 0.4) as fig:
         for index, layer in enumerate(layers):
@@ -234,8 +239,7 @@ def preactivation_histograms(layers: Sequence[LayerReport]) -> str | None:
     layers = [layer for layer in layers if layer.preact_histogram][:PANELS]
     if not layers:
         return None
-    columns = min(3, len(layers))
-    rows = math.ceil(len(layers) / columns)
+    columns, rows = _panel_grid(len(layers))
     with _figure(9.5, 2.5 * rows + 0.4) as fig:
         for index, layer in enumerate(layers):
             histogram = layer.preact_histogram or {}
