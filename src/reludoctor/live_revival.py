@@ -90,19 +90,18 @@ class LiveRevival:
             self._keep_state(0)
 
     def __call__(self, window: Window) -> None:
+        observations = self._observations()  # once per window: it reads every layer's counts
         if self.lr_factor is not None:
-            cause = _nonfinite(window) or self._learning_rate_cause()
+            cause = _nonfinite(window) or _learning_rate_cause(observations, self.thresholds)
             if cause is not None and self._rewind(window, cause):
                 return
-        self._revive(window)
+        self._revive(window, observations.layers)
         if self.lr_factor is not None and not unstable_window(window, self.thresholds):
             self._keep_state(window.end_step)
 
     # -- recycling ------------------------------------------------------------------------
-    def _revive(self, window: Window) -> None:
+    def _revive(self, window: Window, layers: list[LayerReport]) -> None:
         example = self._example()
-        obs = self._observations()
-        layers: list[LayerReport] = obs.layers
         if example is None or not any(layer.dead and layer.can_die for layer in layers):
             return
         with self._counting_off():
@@ -131,10 +130,6 @@ class LiveRevival:
             )
 
     # -- rewinding ------------------------------------------------------------------------
-    def _learning_rate_cause(self) -> str | None:
-        findings = run_rules(self._observations(), self.thresholds, (high_learning_rate,))
-        return next((f.message for f in findings.findings), None)
-
     def _keep_state(self, step: int) -> None:
         self._stable = (
             step,
@@ -184,6 +179,12 @@ class LiveRevival:
             _rates(after),
         )
         return True
+
+
+def _learning_rate_cause(observations: Observations, thresholds: Thresholds) -> str | None:
+    """The high_learning_rate rule's message, if it fires."""
+    findings = run_rules(observations, thresholds, (high_learning_rate,)).findings
+    return next((f.message for f in findings), None)
 
 
 def _nonfinite(window: Window) -> str | None:
