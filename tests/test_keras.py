@@ -182,3 +182,53 @@ def test_the_log_goes_beside_keras_own_tensorboard_log(tmp_path):
     assert steps == [4, 8]
     assert values[-1] == pytest.approx(fc.dead_fraction)
     assert "diagnosis" in ours.Tags()["tensors"]
+
+
+def test_weight_rules_are_judged_on_keras_as_on_pytorch():
+    from reludoctor.scenarios import ZeroInit
+
+    # E3's Keras twin: 10 inputs, 5 ReLU units with all-zero weights and bias
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 10)).astype("float32")
+    y = np.abs(x[:, :3].sum(1, keepdims=True))
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(5, "relu", kernel_initializer="zeros"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(1e-2), "mse")
+    doctor = DoctorCallback(every=10, window=50)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[doctor])
+    report = doctor.report()
+    assert [f.code for f in report.causes()] == list(ZeroInit.expected_causes)
+    expected = set(ZeroInit.expected_causes) | set(ZeroInit.expected_symptoms)
+    assert {f.code for f in report.findings} == expected
+    assert not {u["code"] for u in report.unjudged} & {"zero_init", "poor_init_scale"}
+
+
+def test_planted_units_are_found_held_by_their_bias():
+    x, _ = data()
+    report = rd.scan(planted_model(), x)
+    held = {f.layer: f.evidence["held_units"] for f in report.findings if f.code == "negative_bias"}
+    assert held == DEAD
+    facts = {layer["name"]: layer for layer in report.facts["layers"]}
+    assert facts["conv"]["fan_in"] == 9 and facts["conv"]["out_features"] == 6
+    assert facts["fc"]["bias_min"] == -1e4
+    [layer] = [lay for lay in report.layers if lay.name == "act"]
+    assert layer.producer == "lin"  # the Dense that feeds the ReLU layer
+
+
+def test_a_tiny_init_scale_is_judged_on_keras():
+    x = np.random.default_rng(0).normal(size=(512, 10)).astype("float32")
+    small = keras.initializers.RandomNormal(stddev=0.01, seed=0)
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(64, "relu", kernel_initializer=small),
+            keras.layers.Dense(1),
+        ]
+    )
+    [cause] = [f for f in rd.scan(model, x).causes() if f.code == "poor_init_scale"]
+    assert cause.evidence["he_ratio"] == pytest.approx(0.01 / (2 / 10) ** 0.5, rel=0.15)

@@ -164,24 +164,34 @@ def read_model_facts(model: nn.Module) -> ModelFacts:
 
 
 def _layer_facts(name: str, module: nn.Module, weight: torch.Tensor) -> LayerFacts:
+    transposed = getattr(module, "transposed", False)
+    units_first = weight.detach().transpose(0, 1) if transposed else weight.detach()
+    bias = getattr(module, "bias", None)
+    return weight_facts(
+        name, type(module).__name__, units_first, bias if isinstance(bias, torch.Tensor) else None
+    )
+
+
+def weight_facts(
+    name: str, type_name: str, weight: torch.Tensor, bias: torch.Tensor | None
+) -> LayerFacts:
+    """A layer's facts from its weight, laid out one unit per row (``out x fan_in...``), and
+    its bias. Framework-neutral: the Keras side passes its kernels moved to this layout."""
     with torch.no_grad():
         w = weight.detach().float()
-        transposed = getattr(module, "transposed", False)
-        fan_in = w[0].numel() if not transposed else w.shape[0] * w[0, 0].numel()
         stats = torch.stack([w.std(unbiased=False), w.mean(), w.abs().max(), w.min(), w.max()])
         std, mean, absmax, low, high = stats.cpu().tolist()
         facts = LayerFacts(
             name=name,
-            type=type(module).__name__,
-            fan_in=int(fan_in),
-            out_features=int(w.shape[1] if transposed else w.shape[0]),
+            type=type_name,
+            fan_in=int(w[0].numel()),
+            out_features=int(w.shape[0]),
             weight_std=std,
             weight_mean=mean,
             constant=low == high,
             all_zero=absmax == 0,
         )
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor) and bias.numel():
+        if bias is not None and bias.numel():
             b = bias.detach().float()
             negative, b_mean, b_min = torch.stack([(b < 0).float().mean(), b.mean(), b.min()])
             facts.bias_negative_share = float(negative)

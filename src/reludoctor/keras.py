@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from reludoctor.errors import InputError
-from reludoctor.facts import ModelFacts
+from reludoctor.facts import LayerFacts, ModelFacts, weight_facts
+from reludoctor.keras_tap import TrainStepTap
 from reludoctor.monitor import build_report, observe
 from reludoctor.probes import Site
 from reludoctor.report.model import Report
@@ -282,17 +283,44 @@ def _producer(watched: Watched) -> Any:
     return layer if getattr(layer, "kernel", None) is not None else None
 
 
+def _ids(variables: dict[str, Any]) -> dict[str, int]:
+    return {name: id(variable) for name, variable in variables.items()}
+
+
 def _array(x: Any) -> np.ndarray:
+    if hasattr(x, "numpy"):  # a tensor or variable
+        x = x.numpy()
     return np.array(x, dtype=np.float32)  # a writable copy, as torch.from_numpy wants
 
 
-def _facts(model: Any, tracker: Tracker) -> ModelFacts:
+def units_first(kernel: Any) -> torch.Tensor:
+    """A Keras kernel (units last) as a torch weight with one unit per row."""
+    array = _array(kernel)
+    return torch.from_numpy(np.moveaxis(array, -1, 0).reshape(array.shape[-1], -1).copy())
+
+
+def _weighted_layers(model: Any) -> Iterator[Any]:
+    """Dense and (not transposed) convolution layers, whose kernels keep units last."""
+    layers = keras_module().layers
+    weighted = (layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D)
+    for layer in _flat_layers(model):
+        if isinstance(layer, weighted) and getattr(layer, "kernel", None) is not None:
+            yield layer
+
+
+def _bias(layer: Any) -> torch.Tensor | None:
+    bias = getattr(layer, "bias", None)
+    return None if bias is None else torch.from_numpy(_array(bias))
+
+
+def _facts(model: Any, tracker: Tracker, layers: list[LayerFacts]) -> ModelFacts:
     keras = keras_module()
-    layers = list(_flat_layers(model))
     norm = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
+    every_layer = list(_flat_layers(model))
     return ModelFacts(
-        norm_layers=sum(isinstance(layer, norm) for layer in layers),
-        residual_adds=sum(isinstance(layer, keras.layers.Add) for layer in layers),
+        layers=layers,
+        norm_layers=sum(isinstance(layer, norm) for layer in every_layer),
+        residual_adds=sum(isinstance(layer, keras.layers.Add) for layer in every_layer),
         inputs=tracker.inputs.facts(),
     )
 
@@ -306,14 +334,24 @@ class KerasWatch:
         self.thresholds = thresholds or Thresholds()
         self.tracker = Tracker(window, 1)
         self._states: dict[str, Any] = {}
-        self._producers: dict[str, Any] = {}
+        #: The layer whose kernel feeds each watched layer, by the watched layer's name.
+        self.producers = {w.site.name: p for w in self.probe.watched if (p := _producer(w))}
+        for watched in self.probe.watched:
+            if watched.site.name in self.producers:
+                producer = self.producers[watched.site.name].name
+                watched.site = dataclasses.replace(watched.site, producer=producer)
+        #: The weights' facts when watching started (init scale, zero weights, bias signs).
+        self.layer_facts = [
+            weight_facts(layer.name, type(layer).__name__, units_first(layer.kernel), _bias(layer))
+            for layer in _weighted_layers(model)
+        ]
         self._gradients: Any = None
 
     def _kernel_gradients(self, batch: Any, targets: Any) -> list[Any]:
         """Gradient of the compiled loss on one batch for each producer's kernel (traced)."""
         import tensorflow as tf
 
-        kernels = [layer.kernel for layer in self._producers.values()]
+        kernels = [layer.kernel for layer in self.producers.values()]
         with tf.GradientTape() as tape:
             predictions = self.model(batch, training=False)
             loss = self.model.compute_loss(x=batch, y=targets, y_pred=predictions, training=False)
@@ -349,18 +387,33 @@ class KerasWatch:
     def _observe_gradients(self, batch: Any, targets: Any) -> None:
         import tensorflow as tf
 
-        if self._gradients is None:
-            watched = self.probe.watched
-            self._producers = {w.site.name: p for w in watched if (p := _producer(w)) is not None}
-            self._gradients = tf.function(self._kernel_gradients, reduce_retracing=True)
-        if not self._producers:
+        if not self.producers:
             return
-        for name, grad in zip(self._producers, self._gradients(batch, targets), strict=True):
+        if self._gradients is None:
+            self._gradients = tf.function(self._kernel_gradients, reduce_retracing=True)
+        for name, grad in zip(self.producers, self._gradients(batch, targets), strict=True):
             state = self._states.get(name)
             if grad is None or state is None:
                 continue
             rows = np.moveaxis(_array(grad), -1, 0)  # one row per output unit (channels last)
             self.tracker.observe_weight_gradient(state, torch.from_numpy(rows.copy()))
+
+    def observe_updates(self, ratios: dict[str, float]) -> None:
+        """Count one step's update-to-weight ratio of each watched layer's kernel."""
+        for name, ratio in ratios.items():
+            state = self._states.get(name)
+            if state is not None:
+                self.tracker.observe_update_ratio(state, ratio)
+
+    def _read_biases(self) -> None:
+        """Give each watched layer fed directly by a biased kernel that kernel and bias, as
+        they are now, so its dead units held below 0 by the bias can be told apart."""
+        for name, producer in self.producers.items():
+            state = self._states.get(name)
+            bias = _bias(producer)
+            if state is not None and bias is not None:
+                kernel = units_first(producer.kernel)
+                state.site = dataclasses.replace(state.site, weight=kernel, bias=bias)
 
     def report(self) -> Report:
         meta: dict[str, Any] = {"model": self.model.name, "framework": "keras"}
@@ -368,7 +421,8 @@ class KerasWatch:
         meta["keras"] = keras.__version__
         if self.probe.skipped:
             meta["not_watched"] = dict(self.probe.skipped)
-        observations = observe(self.tracker, _facts(self.model, self.tracker))
+        self._read_biases()
+        observations = observe(self.tracker, _facts(self.model, self.tracker, self.layer_facts))
         return build_report(observations, self.tracker, self.thresholds, meta)
 
 
@@ -402,14 +456,17 @@ def _doctor_callback_class() -> type:
     keras = keras_module()
 
     class DoctorCallback(keras.callbacks.Callback):
-        """Watch a Keras ``model.fit``: every ``every`` training batches, run ``probe_data``
-        through the model and count each watched unit; windows of ``window`` batches. With
-        ``probe_targets``, the compiled loss's gradient on the probe batch is measured for the
-        weights feeding each watched layer (gradient norms, units with zero gradient). With
-        ``log_dir`` (it may be the one given to ``keras.callbacks.TensorBoard``), the windows
-        are written there as TensorBoard scalars, histograms and findings, as
-        ``rd.watch(log_dir=...)`` does.
+        """Watch a Keras ``model.fit``: at the first training batch and every ``every``
+        batches after it, count each watched unit on that training batch (or, with
+        ``probe_data``, on the probe set), measure the compiled loss's gradient for the
+        weights feeding each watched layer (on the training batch, or on the probe set when
+        ``probe_targets`` are given) and each step's update-to-weight ratio; windows of
+        ``window`` batches. With ``log_dir`` (it may be the one given to
+        ``keras.callbacks.TensorBoard``), the windows are written there as TensorBoard
+        scalars, histograms and findings, as ``rd.watch(log_dir=...)`` does.
 
+        During ``fit`` the model's ``train_step`` is wrapped to keep the sampled batches and
+        update ratios (see :mod:`reludoctor.keras_tap`); it is restored when ``fit`` ends.
         ``callback.report()`` gives the :class:`~reludoctor.report.model.Report`.
 
         Example:
@@ -419,7 +476,7 @@ def _doctor_callback_class() -> type:
             >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, "relu"),
             ...                           keras.layers.Dense(1)])
             >>> model.compile("adam", "mse")
-            >>> doctor = DoctorCallback(probe_data=x[:64], every=2, window=4)
+            >>> doctor = DoctorCallback(every=2, window=4)
             >>> _ = model.fit(x, x[:, :1], epochs=1, batch_size=32, verbose=0,
             ...               callbacks=[doctor])
             >>> doctor.report().layers[0].units
@@ -428,7 +485,7 @@ def _doctor_callback_class() -> type:
 
         def __init__(
             self,
-            probe_data: Any,
+            probe_data: Any = None,
             probe_targets: Any = None,
             *,
             every: int = 50,
@@ -444,7 +501,12 @@ def _doctor_callback_class() -> type:
             for value, label in ((every, "every"), (window, "window")):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{label} must be a whole number >= 1, got {value!r}")
-            self.probe_data = _array(probe_data)
+            if probe_data is None and probe_targets is not None:
+                raise ValueError(
+                    "DoctorCallback got probe_targets without probe_data: pass both, or neither "
+                    "to watch the training batches"
+                )
+            self.probe_data = None if probe_data is None else _array(probe_data)
             self.probe_targets = None if probe_targets is None else np.asarray(probe_targets)
             self.every = every
             self.window = window
@@ -452,16 +514,38 @@ def _doctor_callback_class() -> type:
             self.log_dir = log_dir
             self.tensorboard: TensorBoardLog | None = None
             self.watch: KerasWatch | None = None
+            self._tap: TrainStepTap | None = None
+            self._begun = 0
+
+        def _sampled(self, step: int) -> bool:
+            return step == 1 or step % self.every == 0
 
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            on_batches = self.probe_data is None
+            if on_batches and getattr(self.model, "jit_compile", False) is True:
+                raise InputError(
+                    f"DoctorCallback cannot keep training batches of {self.model.name!r}: it is "
+                    "compiled with XLA (jit_compile=True), where a kept batch cannot change "
+                    "shape; compile with jit_compile=False, or pass probe_data="
+                )
             self.watch = KerasWatch(self.model, window=self.window, thresholds=self.thresholds)
             self.watch.tracker.learning_rate = self._learning_rate
             if self.log_dir is not None:
                 self.tensorboard = TensorBoardLog(self.log_dir, self.watch.tracker)
                 self.watch.tracker.on_window.append(self.tensorboard)
-            self.watch.observe(self.probe_data, self.probe_targets)
+            kernels = {name: layer.kernel for name, layer in self.watch.producers.items()}
+            tap = self._tap
+            same = tap is not None and tap.model is self.model
+            if not (same and _ids(tap.kernels) == _ids(kernels)):
+                self._tap = tap = TrainStepTap(self.model, kernels, keep_batches=on_batches)
+            tap.install()
+            self._begun = 0
+            if not on_batches:
+                self.watch.observe(self.probe_data, self.probe_targets)
 
         def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+            if self._tap is not None:
+                self._tap.remove()
             if self.tensorboard is not None:
                 self.tensorboard.close(self.report())
 
@@ -472,14 +556,28 @@ def _doctor_callback_class() -> type:
             except (TypeError, ValueError):  # a schedule object
                 return None
 
+        def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            assert self._tap is not None
+            self._begun += 1
+            if self._sampled(self._begun):
+                self._tap.arm()
+
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-            assert self.watch is not None
+            assert self.watch is not None and self._tap is not None
             loss = (logs or {}).get("loss")
             with self._lock:
                 tracker = self.watch.tracker
+                # the n-th call to get here takes the n-th step's reading: Keras may run these
+                # calls out of order, but step n has finished before n calls have started
+                sampled = self._sampled(tracker.steps + 1)
+                if sampled:  # counted in the step's window, as a forward is on PyTorch
+                    reading = self._tap.take()
+                    if self.probe_data is None:
+                        self.watch.observe(reading.x, reading.y)
+                    else:
+                        self.watch.observe(self.probe_data, self.probe_targets)
+                    self.watch.observe_updates(reading.update_ratios)
                 tracker.step(float(loss) if loss is not None else None)
-                if tracker.steps % self.every == 0:
-                    self.watch.observe(self.probe_data, self.probe_targets)
 
         def report(self) -> Report:
             """The report so far (the last window and the open one, and the history)."""

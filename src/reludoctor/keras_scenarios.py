@@ -23,9 +23,6 @@ from reludoctor.keras import DoctorCallback, keras_module
 from reludoctor.report.model import Report
 from reludoctor.scenarios import IsReluDead
 
-#: Probe rows taken from the validation split.
-PROBE_ROWS = 1024
-
 
 @dataclass
 class KerasIsReluDead:
@@ -66,13 +63,7 @@ class KerasIsReluDead:
     def run(self, log_dir: str | None = None) -> Report:
         """Fit under the callback; the report, with the losses per epoch in its meta."""
         model, (x, y, x_val, y_val) = self.build()
-        doctor = DoctorCallback(
-            x_val[:PROBE_ROWS],
-            y_val[:PROBE_ROWS],
-            every=self.every,
-            window=self.window,
-            log_dir=log_dir,
-        )
+        doctor = DoctorCallback(every=self.every, window=self.window, log_dir=log_dir)
         history = model.fit(
             x,
             y,
@@ -129,6 +120,6 @@ class KerasRandomMLP:
 
     def run(self) -> Report:
         model, x, y = self.build()
-        doctor = DoctorCallback(x[:256], y[:256], every=5, window=32)
+        doctor = DoctorCallback(every=5, window=32)
         model.fit(x, y, epochs=self.epochs, batch_size=32, verbose=0, callbacks=[doctor])
         return doctor.report()

@@ -380,6 +380,12 @@ class Tracker(Sink):
 
         return hook
 
+    def observe_update_ratio(self, layer: LayerState, ratio: float) -> None:
+        """Count one step's update-to-weight ratio ``|W' - W| / |W|`` of the weight feeding
+        ``layer``, measured outside the tracker (the Keras training-step tap)."""
+        torch.clamp_min_(layer.update_ratio, float(ratio))
+        layer.update_samples += 1
+
     def observe_weight_gradient(self, layer: LayerState, grad: torch.Tensor) -> None:
         """Count the gradient of the weight feeding ``layer`` (rows = units when they match)."""
         layer.grad_samples += 1
