@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reludoctor.distributed import DEFAULT_RANK_TIMEOUT, RankCombiner, world
 from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
 from reludoctor.findings import Finding
 from reludoctor.live_revival import LiveRevival
@@ -82,6 +83,7 @@ class Monitor:
         revive_cap: int = DEFAULT_REVIVE_CAP,
         rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
         log_dir: str | os.PathLike[str] | None = None,
+        rank_timeout: float = DEFAULT_RANK_TIMEOUT,
     ) -> None:
         self.model = _require_module(model, "rd.watch")
         if revive and optimizer is None:
@@ -102,6 +104,12 @@ class Monitor:
             unit_detail_limit=unit_detail_limit,
         )
         self.tracker.learning_rate = self._learning_rate
+        self.rank, world_size = world()
+        #: Under ``torch.distributed``, what combines the ranks' counts at each window's end.
+        self.ranks: RankCombiner | None = None
+        if world_size > 1:
+            self.ranks = RankCombiner(rank_timeout)
+            self.tracker.combine = self.ranks.combine
         self.tracker.on_window.append(self._announce_findings)
         self.revival: LiveRevival | None = None
         if revive:
@@ -122,7 +130,7 @@ class Monitor:
         self._residual_adds: int | None = None
         #: The TensorBoard log written at each window's end (with ``log_dir``), else None.
         self.tensorboard: TensorBoardLog | None = None
-        if log_dir is not None:
+        if log_dir is not None and self.rank == 0:  # other ranks write nothing
             self.tensorboard = TensorBoardLog(log_dir, self.tracker)
             self.tracker.on_window.append(self.tensorboard)
         try:
@@ -202,7 +210,8 @@ class Monitor:
                 continue
             self._announced.add(key)
             new.append(finding)
-            logger.warning("reludoctor at step %d: %s", window.end_step, finding.message)
+            if self.rank == 0:
+                logger.warning("reludoctor at step %d: %s", window.end_step, finding.message)
             if self.on_finding is not None:
                 self.on_finding(finding)
         if self.tensorboard is not None:
@@ -239,6 +248,8 @@ class Monitor:
         meta = {"model": type(self.model).__name__, "torch": torch.__version__}
         if self.revivals:
             meta["revivals"] = self.revivals
+        if self.ranks is not None:
+            meta["ranks"] = self.ranks.meta()
         return build_report(self._observations(), self.tracker, self.thresholds, meta)
 
     def _observations(self) -> Observations:
@@ -254,6 +265,7 @@ class Monitor:
             self.probes.remove()
             self.tracker.disarm()
             self.probes = None
+            self.tracker.settle_open_window()  # with other ranks: all of them close together
         if self.tensorboard is not None and not self.tensorboard.closed:
             self.tensorboard.close(self._report())
 
@@ -337,6 +349,7 @@ def watch(
     revive_cap: int = DEFAULT_REVIVE_CAP,
     rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
     log_dir: str | os.PathLike[str] | None = None,
+    rank_timeout: float = DEFAULT_RANK_TIMEOUT,
 ) -> Monitor:
     """Watch every ReLU-family activation of ``model`` while it trains.
 
@@ -370,6 +383,12 @@ def watch(
             fraction, alive units, gradient norm and histograms of pre-activations and
             per-unit gradients, plus the loss and the new findings; on ``close()``, the
             diagnosis. Needs the ``tensorboard`` package. See :mod:`reludoctor.tensorboard`.
+            Under ``torch.distributed`` only rank 0 writes it (and logs live findings).
+        rank_timeout: under ``torch.distributed`` (world size > 1), every rank's counts are
+            summed at each window's end (``all_reduce``: a unit alive on any rank is alive),
+            so every rank must call ``watch`` and ``close``; a rank that does not arrive
+            within this many seconds is named missing and the others go on with their own
+            counts. See :mod:`reludoctor.distributed`.
 
     Example:
         >>> import torch, reludoctor as rd
@@ -395,4 +414,5 @@ def watch(
         revive_cap=revive_cap,
         rewind_lr_factor=rewind_lr_factor,
         log_dir=log_dir,
+        rank_timeout=rank_timeout,
     )

@@ -279,6 +279,10 @@ class Tracker(Sink):
         #: Per layer, the window just closed: pre-activation values of its last sampled step
         #: and each unit's gradient norm (None where not measured), for histograms.
         self.window_values: dict[str, dict[str, np.ndarray | None]] = {}
+        #: Combines a window's snapshots with other processes' (``torch.distributed``:
+        #: :class:`reludoctor.distributed.RankCombiner`); called with the snapshots and step.
+        self.combine: Callable[[list[Snapshot], int], list[Snapshot]] | None = None
+        self._settled: tuple[int, list[Snapshot]] | None = None
         self._reset_loss()
 
     # -- Sink -----------------------------------------------------------------------------
@@ -486,6 +490,8 @@ class Tracker(Sink):
 
     def close_window(self) -> Window:
         snapshots = [layer.snapshot() for layer in self.layers]
+        if self.combine is not None:
+            snapshots = self.combine(snapshots, self.steps)
         window = self._window(snapshots, complete=True)
         self.window_values = {}
         for layer, snap in zip(self.layers, snapshots, strict=True):
@@ -505,9 +511,20 @@ class Tracker(Sink):
             callback(window)
         return window
 
+    def settle_open_window(self) -> None:
+        """Combine the open window's counts now (with :attr:`combine`: a collective call, on
+        every rank at once), for the reports made after the last step."""
+        if self.combine is None or self.steps == self.window_start:
+            return
+        snapshots = [layer.snapshot() for layer in self.layers]
+        self._settled = (self.steps, self.combine(snapshots, self.steps))
+
     def open_window(self) -> tuple[Window | None, list[Snapshot]]:
         """The window still open (None when it has seen nothing) and its snapshots."""
-        snapshots = [layer.snapshot() for layer in self.layers]
+        if self._settled is not None and self._settled[0] == self.steps:
+            snapshots = self._settled[1]
+        else:
+            snapshots = [layer.snapshot() for layer in self.layers]
         seen = any(s["positions"] for s in snapshots) or self._losses
         if not seen and self.steps == self.window_start:
             return None, snapshots

@@ -35,6 +35,8 @@ def summary(report: Report, max_layers: int = 10) -> Group:
         else Text("unhealthy: dead units at error level", style="bold red")
     )
     parts.append(verdict)
+    if report.missing_ranks_note:
+        parts.append(Text(report.missing_ranks_note, style="bold yellow"))
     if not report.layers:
         parts.append(Text("no ReLU-family activation was seen"))
         return Group(*parts)

@@ -56,6 +56,7 @@ tr.warn td { color: var(--warn); }
            background: #fcfcfd; }
 .finding.error { border-color: var(--bad); }
 .finding.warning { border-color: var(--warn); }
+p.warning { color: var(--warn); font-weight: 600; }
 .finding.info { border-color: var(--info); }
 .tag { display: inline-block; font-size: 12px; font-weight: 600; text-transform: uppercase;
        margin-right: 6px; }
@@ -176,6 +177,8 @@ def _header(report: Report) -> str:
 
 def _summary(report: Report) -> str:
     parts = ['<section id="summary">', "<h2>Summary</h2>", _status(report)]
+    if report.missing_ranks_note:
+        parts.append(f'<p class="warning">{_e(report.missing_ranks_note)}</p>')
     if report.layers:
         parts.append(_worst_table(report))
     findings = report.sorted_findings()

@@ -162,6 +162,20 @@ class Report:
         )
         return ranked if n is None else ranked[:n]
 
+    @property
+    def missing_ranks_note(self) -> str | None:
+        """Under ``torch.distributed``, which ranks' counts are missing and since when (None
+        when every rank's counts are in)."""
+        ranks = self.meta.get("ranks") or {}
+        if ranks.get("missing_since_step") is None:
+            return None
+        missing = ", ".join(map(str, ranks.get("missing") or [])) or "unknown"
+        return (
+            f"the counts of rank(s) {missing} of {ranks.get('world_size', '?')} are missing "
+            f"from step {ranks['missing_since_step']} on: the windows from then count rank "
+            f"{ranks.get('rank', '?')}'s samples only"
+        )
+
     def sorted_findings(self) -> list[Finding]:
         """Errors first; within a severity, causes before symptoms."""
         return sorted(

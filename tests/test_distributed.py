@@ -1,0 +1,75 @@
+"""torch.distributed: counters summed across ranks when a window closes (2 CPU processes,
+gloo), rank 0 alone writes, and a rank that dies is named by the others."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.multiprocessing as mp
+from distributed_worker import BATCH, ONLY_ON_RANK_1, PLANTED_DEAD, STEPS, free_port, train
+
+pytestmark = pytest.mark.skipif(
+    not __import__("torch").distributed.is_available(), reason="no torch.distributed"
+)
+
+
+def run(tmp_path, *, die_rank: int = -1, ddp: bool = True) -> list[dict]:
+    mp.start_processes(
+        train,
+        args=(2, free_port(), str(tmp_path), die_rank, ddp),
+        nprocs=2,
+        start_method="spawn",
+        join=True,
+    )
+    ranks = [0, 1] if die_rank < 0 else [r for r in (0, 1) if r != die_rank]
+    return [json.loads((tmp_path / f"report{r}.json").read_text()) for r in ranks]
+
+
+def fc(report_or_window: dict) -> dict:
+    [layer] = [lay for lay in report_or_window["layers"] if lay["name"].endswith("1")]
+    return layer
+
+
+def test_a_unit_alive_on_any_rank_is_alive_and_only_rank_0_writes(tmp_path):
+    rank0, rank1 = run(tmp_path)
+    for report in (rank0, rank1):  # both ranks hold the combined counts
+        assert fc(report)["dead_units"] == [PLANTED_DEAD]
+        assert fc(report)["name"] == "module.1"
+        assert report["meta"]["ranks"] == {"world_size": 2, "rank": report["meta"]["ranks"]["rank"]}
+        for window in report["windows"]:
+            assert fc(window)["samples"] == 2 * BATCH * 5  # both ranks' samples
+    assert ONLY_ON_RANK_1 not in fc(rank0)["dead_units"]
+    assert [rank0["meta"]["ranks"]["rank"], rank1["meta"]["ranks"]["rank"]] == [0, 1]
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert len(events) == 1  # rank 1 wrote nothing
+
+
+def test_a_rank_that_dies_is_named_and_the_others_finish(tmp_path, caplog):
+    [rank0] = run(tmp_path, die_rank=1, ddp=False)
+    ranks = rank0["meta"]["ranks"]
+    assert ranks["missing"] == [1]
+    assert ranks["missing_since_step"] == 10
+    first, second = rank0["windows"]
+    assert fc(first)["dead"] == 1  # combined: unit 0 fired on rank 1
+    assert fc(second)["dead"] == 2  # rank 0's own: unit 0 never fires there
+    assert fc(second)["samples"] == BATCH * 5
+    assert rank0["meta"]["steps"] == STEPS
+
+
+def test_the_missing_rank_is_said_in_the_console_and_the_html(tmp_path):
+    from rich.console import Console
+
+    from reludoctor.report.console import summary
+    from reludoctor.report.model import Report
+
+    ranks = {"world_size": 4, "rank": 0, "missing": [2, 3], "missing_since_step": 300}
+    report = Report(layers=[], windows=[], findings=[], meta={"ranks": ranks})
+    note = "the counts of rank(s) 2, 3 of 4 are missing from step 300 on"
+    assert note in report.missing_ranks_note
+    console = Console(record=True, width=200)
+    console.print(summary(report))
+    assert note in console.export_text()
+    assert note in report.save_html(tmp_path / "r.html").read_text()
+    report.meta["ranks"] = {"world_size": 4, "rank": 0}
+    assert report.missing_ranks_note is None
