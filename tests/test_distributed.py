@@ -73,3 +73,58 @@ def test_the_missing_rank_is_said_in_the_console_and_the_html(tmp_path):
     assert note in report.save_html(tmp_path / "r.html").read_text()
     report.meta["ranks"] = {"world_size": 4, "rank": 0}
     assert report.missing_ranks_note is None
+
+
+DDP_SCRIPT = """
+import torch, torch.distributed as dist
+from torch import nn
+from distributed_worker import BATCH, data, model
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+net = nn.parallel.DistributedDataParallel(model())
+optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+for step in range(10):
+    loss = net(data(rank, step)).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+dist.destroy_process_group()
+"""
+
+
+def test_reludoctor_run_under_torchrun_combines_ranks_and_rank_0_writes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "reludoctor",
+        "run",
+        "--window",
+        "5",
+        "-q",
+        "--out",
+        str(tmp_path / "out"),
+        str(script),
+    ]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["Sequential.html", "Sequential.json"]
+    report = json.loads((tmp_path / "out" / "Sequential.json").read_text())
+    assert report["meta"]["wrapper"] == "DistributedDataParallel"
+    assert fc(report)["dead_units"] == [PLANTED_DEAD]
+    assert report["meta"]["ranks"]["world_size"] == 2
+    assert fc(report["windows"][-1])["samples"] == 2 * BATCH * 5

@@ -298,6 +298,56 @@ def html_report(
     console.print(f"report: {path}")
 
 
+@app.command(
+    "run",
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "allow_interspersed_args": False,
+    },
+)
+def run_script(
+    ctx: typer.Context,
+    script: Annotated[Path, typer.Argument(help="The PyTorch training script to run.")],
+    out: Annotated[
+        Path, typer.Option(help="Folder for each trained model's <Model>.json and .html.")
+    ] = Path("reludoctor-run"),
+    window: Annotated[int, typer.Option(min=1, help="Steps per window.")] = 100,
+    sample_every: Annotated[
+        int, typer.Option(min=1, help="Take the costlier statistics every this many steps.")
+    ] = 10,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+) -> None:
+    """Run SCRIPT [ARGS...] unmodified, watching every model it trains; write the reports
+    when it ends (also on an error or Ctrl-C) and exit with the script's own exit code.
+    reludoctor's options go before SCRIPT; everything after it is the script's."""
+    from reludoctor.run import ScriptRun
+
+    try:
+        run = ScriptRun(script, ctx.args, window=window, sample_every=sample_every)
+    except InputError as error:
+        raise _fail(str(error)) from None
+    code = run.run()
+    console = Console(stderr=True)
+    if not run.watched:
+        console.print(
+            f"[yellow]reludoctor:[/] {script} trained no model that reludoctor could see (no "
+            "module ran a forward in training mode with gradients on): no report"
+        )
+        raise typer.Exit(code)
+    try:
+        written = run.write(out)
+    except OSError as error:
+        console.print(f"[bold red]reludoctor:[/] cannot write the reports into {out}: {error}")
+        raise typer.Exit(code or EXIT_BAD_INPUT) from None
+    if not quiet and written:
+        for report in run.reports:
+            print_summary(report, console)
+    for path in written:
+        console.print(f"report: {path}")
+    raise typer.Exit(code)
+
+
 def main() -> None:
     """Entry point of the ``reludoctor`` console script."""
     app(prog_name="reludoctor")

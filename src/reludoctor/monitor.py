@@ -245,7 +245,10 @@ class Monitor:
 
     def _report(self) -> Report:
         """:meth:`report`, without the warning about an empty one."""
-        meta = {"model": type(self.model).__name__, "torch": torch.__version__}
+        meta: dict[str, Any] = {"model": type(self.model).__name__, "torch": torch.__version__}
+        if isinstance(self.model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            meta["model"] = type(self.model.module).__name__
+            meta["wrapper"] = type(self.model).__name__
         if self.revivals:
             meta["revivals"] = self.revivals
         if self.ranks is not None:

@@ -1,0 +1,235 @@
+"""``reludoctor run train.py``: watch an unmodified PyTorch training script.
+
+Three process-wide hooks stand in for the lines a user would add:
+
+* a global module forward hook: the first time a module with trainable parameters runs a
+  forward as the outermost module, in training mode and with gradients on, it is a model
+  being trained and gets ``rd.watch`` (its ReLU modules and functional calls alike), counted
+  from its next forward on (this one had started before the watch);
+* a global optimizer step hook: each ``optimizer.step()`` ends a step of the watched models
+  whose parameters that optimizer updates (``doc.step``, with the optimizer for its facts);
+* ``torch.Tensor.backward`` is wrapped to keep the last scalar it was called on: that step's
+  loss.
+
+The script runs as ``__main__`` with its own ``sys.argv``. Whatever way it ends - returning,
+``sys.exit(n)``, an exception, Ctrl-C - the hooks come off and each watched model's report is
+written (under ``torch.distributed``, by rank 0 only); :meth:`ScriptRun.run` returns the exit
+code Python would have given the script.
+
+    >>> import pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "train.py").write_text(
+    ...     "import torch\\n"
+    ...     "model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())\\n"
+    ...     "opt = torch.optim.SGD(model.parameters(), lr=0.1)\\n"
+    ...     "for _ in range(3):\\n"
+    ...     "    opt.zero_grad(); model(torch.randn(16, 4)).sum().backward(); opt.step()\\n"
+    ... )
+    >>> run = ScriptRun(folder / "train.py", [], window=2)
+    >>> run.run()
+    0
+    >>> [report.meta["steps"] for report in run.reports]
+    [3]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import runpy
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reludoctor.distributed import world
+from reludoctor.errors import InputError
+from reludoctor.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
+from reludoctor.report.model import Report
+
+#: The exit code of a script stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
+
+
+def check_script(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Python script that exists and compiles; :class:`InputError` otherwise."""
+    script = Path(path)
+    if not script.is_file():
+        raise InputError(f"no script at {script}: give the path of a Python training script")
+    try:
+        compile(script.read_bytes(), str(script), "exec")
+    except (SyntaxError, ValueError) as error:
+        where = f" (line {error.lineno})" if getattr(error, "lineno", None) else ""
+        raise InputError(
+            f"{script} is not a Python script: {type(error).__name__}{where}: {error}; "
+            "reludoctor run runs Python training scripts"
+        ) from None
+    return script
+
+
+@dataclass
+class _Watched:
+    model: nn.Module
+    monitor: Monitor
+    params: set[int] = field(default_factory=set)
+
+
+class ScriptRun:
+    """Runs one script with every model it trains watched; see the module docstring."""
+
+    def __init__(
+        self,
+        script: str | os.PathLike[str],
+        args: list[str],
+        *,
+        window: int = DEFAULT_WINDOW,
+        sample_every: int = DEFAULT_SAMPLE_EVERY,
+    ) -> None:
+        self.script = check_script(script)
+        self.args = list(args)
+        self.window = window
+        self.sample_every = sample_every
+        self.watched: list[_Watched] = []
+        #: How the script ended: "finished", "exit", "error" or "interrupted".
+        self.ending = "finished"
+        self._depth = 0
+        self._loss: torch.Tensor | None = None
+        self._stepped_by: dict[int, int] = {}  # model id -> id of the optimizer that steps it
+
+    # -- the hooks ---------------------------------------------------------------------------
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        self._depth += 1
+        outermost = self._depth == 1 and module.training and torch.is_grad_enabled()
+        if outermost and not any(w.model is module for w in self.watched) and _trains(module):
+            self._watch(module)
+
+    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth = max(self._depth - 1, 0)
+
+    def _watch(self, model: nn.Module) -> None:
+        monitor = watch(model, window=self.window, sample_every=self.sample_every)
+        params = {id(p) for p in model.parameters() if p.requires_grad}
+        self.watched.append(_Watched(model, monitor, params))
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for watched in self.watched:
+            if not watched.params & owned or watched.monitor.closed:
+                continue
+            # a model updated by several optimizers steps with the first of them
+            if self._stepped_by.setdefault(id(watched.model), id(optimizer)) == id(optimizer):
+                watched.monitor.step(loss=self._loss, optimizer=optimizer)
+        self._loss = None
+
+    @contextlib.contextmanager
+    def _hooks(self) -> Iterator[None]:
+        from torch.nn.modules.module import (
+            register_module_forward_hook,
+            register_module_forward_pre_hook,
+        )
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        backward = torch.Tensor.backward
+        run = self
+
+        def keeping_loss(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.numel() == 1:
+                run._loss = self.detach()
+            return backward(self, *args, **kwargs)
+
+        handles = [
+            register_module_forward_pre_hook(self._before_forward),
+            register_module_forward_hook(self._after_forward, always_call=True),
+            register_optimizer_step_post_hook(self._after_optimizer_step),
+        ]
+        torch.Tensor.backward = keeping_loss  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            torch.Tensor.backward = backward  # type: ignore[method-assign]
+            for handle in handles:
+                handle.remove()
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run the script to its end; its exit code (0, its ``sys.exit`` code, 1 for an
+        exception, 130 for Ctrl-C)."""
+        argv, path = sys.argv, list(sys.path)
+        sys.argv = [str(self.script), *self.args]
+        sys.path.insert(0, str(self.script.resolve().parent))  # as `python script.py` does
+        code = 0
+        try:
+            with self._hooks():
+                runpy.run_path(str(self.script), run_name="__main__")
+        except SystemExit as stop:
+            self.ending = "exit"
+            code = _exit_code(stop.code)
+        except KeyboardInterrupt:
+            self.ending = "interrupted"
+            code = EXIT_INTERRUPTED
+        except BaseException as error:
+            self.ending = "error"
+            self._print_traceback(error)
+            code = 1
+        finally:
+            sys.argv, sys.path[:] = argv, path
+            for watched in self.watched:
+                watched.monitor.close()
+        return code
+
+    def _print_traceback(self, error: BaseException) -> None:
+        """The traceback Python would print for the script: from its own first frame on."""
+        tb = error.__traceback__
+        script = str(self.script.resolve())
+        while tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()) != script:
+            tb = tb.tb_next
+        traceback.print_exception(type(error), error, tb or error.__traceback__)
+
+    @property
+    def reports(self) -> list[Report]:
+        """One report per watched model, in the order they started training."""
+        reports = []
+        for watched in self.watched:
+            report = watched.monitor._report()
+            report.meta["script"] = str(self.script)
+            report.meta["ending"] = self.ending
+            reports.append(report)
+        return reports
+
+    def write(self, out: str | os.PathLike[str]) -> list[Path]:
+        """Each report as ``<model>.json`` and ``<model>.html`` in ``out`` (rank 0 only under
+        ``torch.distributed``; other ranks write nothing and get [])."""
+        if world()[0] != 0:
+            return []
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        names: dict[str, int] = {}
+        for report in self.reports:
+            name = str(report.meta.get("model", "model"))
+            names[name] = names.get(name, 0) + 1
+            stem = name if names[name] == 1 else f"{name}-{names[name]}"
+            written += [
+                report.save_json(folder / f"{stem}.json"),
+                report.save_html(folder / f"{stem}.html"),
+            ]
+        return written
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _exit_code(code: Any) -> int:
+    """The process exit code Python gives ``sys.exit(code)``."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
