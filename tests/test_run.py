@@ -181,5 +181,8 @@ def test_two_models_with_their_own_optimizers_each_get_their_steps(tmp_path):
     steps = {r.facts["optimizer"]["type"]: r.meta["steps"] for r in run.reports}
     assert steps == {"SGD": 6, "Adam": 3}
     assert [p.name for p in run.write(tmp_path / "out")] == [
-        "Sequential.json", "Sequential.html", "Sequential-2.json", "Sequential-2.html"
+        "Sequential.json",
+        "Sequential.html",
+        "Sequential-2.json",
+        "Sequential-2.html",
     ]

@@ -1,0 +1,166 @@
+"""Lightning: :class:`DoctorCallback` for ``L.Trainer(callbacks=[...])``.
+
+The callback puts ``rd.watch`` on the LightningModule when fitting starts and counts each
+training batch's whole ``training_step`` (so activations are seen however the step reaches
+the network: ``self(x)``, ``self.net(x)`` or functional calls). A batch is a step; windows
+close every ``window`` batches. At each window's end the dead fraction and alive units of
+every layer are logged through the trainer's loggers (rank 0 only, as Lightning logs), under
+``reludoctor/``. Under the ``ddp`` strategies the ranks' counts are combined as
+``rd.watch`` does (see :mod:`reludoctor.distributed`).
+
+Needs the ``lightning`` package (``pip install reludoctor[lightning]``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from reludoctor.errors import InputError
+from reludoctor.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
+from reludoctor.report.model import Report, Window
+from reludoctor.rules import Thresholds
+from reludoctor.tensorboard import layer_tag
+
+try:
+    import lightning as L
+except ImportError as error:  # pragma: no cover - the message is the point
+    raise InputError(
+        "reludoctor.lightning needs the lightning package: pip install reludoctor[lightning]"
+    ) from error
+
+
+class DoctorCallback(L.Callback):
+    """Watch a ``Trainer.fit``; ``callback.report()`` gives the
+    :class:`~reludoctor.report.model.Report`, and with ``report_dir`` rank 0 writes
+    ``report.json`` and ``report.html`` there when fitting ends.
+
+    Example:
+        >>> import lightning as L, torch
+        >>> from reludoctor.lightning import DoctorCallback
+        >>> class Net(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+        ...                                        torch.nn.Linear(8, 1))
+        ...     def training_step(self, batch, batch_idx):
+        ...         return self.net(batch[0]).pow(2).mean()
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.01)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(64, 4))
+        >>> doctor = DoctorCallback(window=2)
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[doctor], logger=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False,
+        ...                     enable_checkpointing=False, accelerator="cpu")
+        >>> trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=16))
+        >>> doctor.report().layers[0].name
+        'net.1'
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = DEFAULT_WINDOW,
+        sample_every: int = DEFAULT_SAMPLE_EVERY,
+        thresholds: Thresholds | None = None,
+        report_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.window = window
+        self.sample_every = sample_every
+        self.thresholds = thresholds
+        self.report_dir = report_dir
+        self.doc: Monitor | None = None
+        self._trainer: Any = None
+        self._in_step = False
+
+    # -- fitting -----------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._trainer = trainer
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.doc = watch(
+            pl_module,
+            window=self.window,
+            sample_every=self.sample_every,
+            thresholds=self.thresholds,
+            optimizer=optimizer,
+            on_window=self._log_window,
+        )
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        doc = self.doc
+        if doc is None or doc.probes is None:
+            return
+        doc.probes.enter()  # the whole training step counts, however it runs the network
+        self._in_step = True
+        inputs = _first_tensor(batch)
+        if inputs is not None and doc.probes.counting and doc.tracker.wants_model_input():
+            doc.tracker.observe_model_input(inputs)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if self.doc is None:
+            return
+        self._leave_step()
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        self.doc.step(loss=loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None)
+
+    def _leave_step(self) -> None:
+        if self._in_step and self.doc is not None and self.doc.probes is not None:
+            self.doc.probes.leave()
+        self._in_step = False
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+        if self.report_dir is not None and trainer.is_global_zero and self.doc is not None:
+            report = self.report()
+            os.makedirs(self.report_dir, exist_ok=True)
+            report.save_json(os.path.join(self.report_dir, "report.json"))
+            report.save_html(os.path.join(self.report_dir, "report.html"))
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self._leave_step()
+        if self.doc is not None and not self.doc.closed:
+            self.doc.close()
+
+    # -- logging -----------------------------------------------------------------------------
+    def _log_window(self, window: Window) -> None:
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero or not trainer.loggers:
+            return
+        metrics: dict[str, float] = {}
+        units = dead = 0
+        for layer in window.layers:
+            tag = layer_tag(layer.name)
+            metrics[f"reludoctor/dead_fraction/{tag}"] = layer.dead_fraction
+            metrics[f"reludoctor/alive_units/{tag}"] = float(layer.units - layer.dead)
+            units, dead = units + layer.units, dead + layer.dead
+        if units:
+            metrics["reludoctor/dead_fraction/all"] = dead / units
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- results -----------------------------------------------------------------------------
+    def report(self) -> Report:
+        """The report so far (the last window and the open one, and the history)."""
+        if self.doc is None:
+            raise RuntimeError("DoctorCallback.report(): the trainer has not started fitting")
+        return self.doc.report()
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    """The batch's inputs: the batch itself, its first element, or its first tensor value."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return _first_tensor(batch[0])
+    if isinstance(batch, Mapping):
+        return next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return None
