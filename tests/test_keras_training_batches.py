@@ -166,3 +166,20 @@ def test_the_tapped_step_is_traced_once_per_callback_and_again_after_compile():
     model.fit(x, x[:, :1], batch_size=BATCH, verbose=0, callbacks=[doctor])
     assert doctor._tap._traced is not traced
     assert doctor.report().windows[0].layers[0].update_ratio > 0  # the new optimizer's steps
+
+
+def test_a_fit_that_raised_leaves_the_callback_usable():
+    model = threshold_model()
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x = batches_with_spikes({}, steps=4)
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise KeyboardInterrupt
+
+    doctor = DoctorCallback(every=1, window=2)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, x[:, :1], batch_size=BATCH, verbose=0, callbacks=[Stop(), doctor])
+    model.fit(x, x[:, :1], batch_size=BATCH, verbose=0, callbacks=[doctor])  # no hang
+    assert doctor.report().meta["steps"] == 4

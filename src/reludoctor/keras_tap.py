@@ -19,6 +19,9 @@ import numpy as np
 
 from reludoctor.tracker import UPDATE_ROWS
 
+#: Seconds :meth:`TrainStepTap.arm` waits for the last armed step to be read.
+TAKE_TIMEOUT = 300.0
+
 
 @dataclass
 class TapReading:
@@ -110,6 +113,8 @@ class TrainStepTap:
         """Wrap the model's training step and put the model's train function with the tap in
         place: traced on this tap's first fit, reused on later ones while the model keeps the
         train function it had then (``compile`` makes it a new one)."""
+        self._read.set()  # a fit that raised may have left an armed step unread
+        self._armed.assign(False)
         own = self.model.train_function
         object.__setattr__(self.model, "train_step", self._step(type(self.model).train_step))
         if self._traced is None or own is not self._own:
@@ -129,7 +134,11 @@ class TrainStepTap:
     def arm(self) -> None:
         """Keep the next step's readings (main thread, before the step); waits until the last
         armed step's readings have been taken."""
-        self._read.wait()
+        if not self._read.wait(TAKE_TIMEOUT):
+            raise RuntimeError(
+                f"reludoctor: the readings of the last sampled training step were not taken "
+                f"within {TAKE_TIMEOUT:.0f} s; the callback's on_train_batch_end did not run"
+            )
         self._read.clear()
         self._armed.assign(True)
 

@@ -100,6 +100,7 @@ class ScriptRun:
         self._depth = 0
         self._loss: torch.Tensor | None = None
         self._stepped_by: dict[int, int] = {}  # model id -> id of the optimizer that steps it
+        self._owned_by: dict[tuple[int, int], set[int]] = {}
 
     # -- the hooks ---------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: Any) -> None:
@@ -116,8 +117,17 @@ class ScriptRun:
         params = {id(p) for p in model.parameters() if p.requires_grad}
         self.watched.append(_Watched(model, monitor, params))
 
+    def _owned(self, optimizer: Any) -> set[int]:
+        """Ids of the parameters ``optimizer`` updates (cached until it gains a group)."""
+        key = (id(optimizer), len(optimizer.param_groups))
+        owned = self._owned_by.get(key)
+        if owned is None:
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self._owned_by[key] = owned
+        return owned
+
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        owned = self._owned(optimizer)
         for watched in self.watched:
             if not watched.params & owned or watched.monitor.closed:
                 continue
