@@ -4,12 +4,14 @@ The model is a residual MLP of ``--blocks`` blocks, each Linear(width, hidden) -
 Linear(hidden, width) with a skip: by default 256 ReLU layers and 1,048,576 units (537M
 parameters). Rounds alternate plain inference (eval mode, ``no_grad``) over the same batches
 and ``rd.scan`` over them (report included), so machine noise hits both alike. Prints the
-median throughput ratio (plain time / scan time; target >= 0.9) with its interquartile range,
-and the extra peak memory the scan needs beyond plain inference (host RSS on the CPU, allocated
-bytes on a GPU) against the size of reludoctor's per-unit counters.
+median throughput ratio (plain time / scan time; target >= 0.9) with its interquartile range;
+the scan's fixed cost (reading the weights' facts, building the report: a scan of one batch
+less plain inference of it) and the ratio per batch once that is paid; and the extra peak
+memory the scan needs beyond plain inference (host RSS on the CPU, allocated bytes on a GPU)
+against the size of reludoctor's per-unit counters.
 
     python benchmarks/scan.py [--blocks 256] [--width 256] [--hidden 4096] [--batch 64]
-                              [--batches 8] [--rounds 5] [--threads N] [--device cpu|cuda]
+                              [--batches 32] [--rounds 5] [--threads N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,11 +104,14 @@ def main() -> None:
     plain_peak = peak_bytes(device)
     _, report = scanned(model, batches)
     scan_peak = peak_bytes(device)
-    ratios = []
+    ratios, fixed, per_batch = [], [], []
     for _ in range(args.rounds):
         base = plain(model, batches)
         seconds, report = scanned(model, batches)
         ratios.append(base / seconds)
+        one = scanned(model, batches[:1])[0] - plain(model, batches[:1])
+        fixed.append(one)
+        per_batch.append(base / max(seconds - one, 1e-9))
     counter_bytes = units * sum(c.dtype.itemsize for c in COUNTERS if c.per_unit)
 
     layers = len(report.layers)
@@ -118,6 +123,8 @@ def main() -> None:
     )
     print("                              median    q1      q3")
     print("throughput scan / plain       {:.3f}   {:.3f}   {:.3f}".format(*quartiles(ratios)))
+    print("  per batch, fixed cost paid  {:.3f}   {:.3f}   {:.3f}".format(*quartiles(per_batch)))
+    print("  fixed cost (s)              {:.3f}   {:.3f}   {:.3f}".format(*quartiles(fixed)))
     print(f"plain inference {base:.2f} s, scan {seconds:.2f} s (last round)")
     extra = max(scan_peak - plain_peak, 0)
     print(

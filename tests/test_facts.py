@@ -130,3 +130,21 @@ def test_output_spread_zero_for_a_constant_network():
     with rd.watch(model, sample_every=1, window=2) as doc:
         train(model, doc, 2, randn_input(8, 4))
     assert doc.report().windows[0].output_spread == 0.0
+
+
+def test_a_big_weight_is_read_from_a_sample_but_its_extremes_exactly():
+    import torch
+
+    from reludoctor.facts import STAT_ELEMENTS, weight_facts
+
+    torch.manual_seed(0)
+    weight = torch.randn(4096, 1024) * 0.05
+    assert weight.numel() > 16 * STAT_ELEMENTS
+    facts = weight_facts("big", "Linear", weight, None)
+    assert facts.weight_std == pytest.approx(0.05, rel=0.02)
+    assert facts.fan_in == 1024 and facts.out_features == 4096
+    almost_zero = torch.zeros(4096, 1024)
+    almost_zero[4095, 1023] = 1e-3  # in a row the sample skips
+    facts = weight_facts("z", "Linear", almost_zero, None)
+    assert not facts.all_zero and not facts.constant
+    assert weight_facts("z", "Linear", torch.zeros(4096, 1024), None).all_zero

@@ -38,6 +38,9 @@ _NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),  # torch >= 2.4
 )
+#: A weight's mean and spread are read from at most this many of its values (evenly spaced
+#: rows): the scale of an initialisation shows in a sample, and a big model is read fast.
+STAT_ELEMENTS = 1 << 16
 #: How many of the first counted forwards contribute input statistics.
 INPUT_BATCHES = 4
 
@@ -178,9 +181,19 @@ def weight_facts(
     """A layer's facts from its weight, laid out one unit per row (``out x fan_in...``), and
     its bias. Framework-neutral: the Keras side passes its kernels moved to this layout."""
     with torch.no_grad():
-        w = weight.detach().float()
-        stats = torch.stack([w.std(unbiased=False), w.mean(), w.abs().max(), w.min(), w.max()])
-        std, mean, absmax, low, high = stats.cpu().tolist()
+        w = weight.detach()
+        # One pass over the whole weight (its extremes: zero or constant weights are exact),
+        # the spread from at most STAT_ELEMENTS of it, evenly spaced rows; reductions only,
+        # so no weight-sized temporary, and one read back.
+        low, high = torch.aminmax(w.float() if not w.is_floating_point() else w)
+        rows = w.reshape(w.shape[0], -1)
+        rows = rows[:: max(1, math.ceil(rows.numel() / STAT_ELEMENTS))].float()
+        stats = torch.stack([rows.sum(), torch.linalg.vector_norm(rows), low.float(), high.float()])
+        total, norm, low, high = stats.cpu().double().tolist()
+        count = rows.numel()
+        mean = total / count
+        std = 0.0 if low == high else math.sqrt(max(norm * norm / count - mean * mean, 0.0))
+        absmax = max(-low, high)
         facts = LayerFacts(
             name=name,
             type=type_name,
