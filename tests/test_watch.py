@@ -773,3 +773,22 @@ def test_large_activations_sample_leading_rows_but_count_every_row():
     assert layer.dead == units - 3
     assert layer.samples == 2 * batch
     assert layer.fire_rate[:3] == pytest.approx([0.0, 1.0, 0.25])
+
+
+def test_histogram_values_are_copies_an_inplace_relu_cannot_change():
+    import torch
+    from torch import nn
+
+    import reludoctor as rd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(inplace=True))
+    with rd.watch(model, window=4, sample_every=1) as doc:
+        for _ in range(3):
+            model(torch.randn(64, 4))
+            doc.step()
+        histogram = doc.report().layers[0].preact_histogram
+    edges = histogram["edges"]
+    below_zero = [n for n, right in zip(histogram["start"], edges[1:], strict=True) if right <= 0]
+    latest = [n for n, right in zip(histogram["end"], edges[1:], strict=True) if right <= 0]
+    assert sum(below_zero) > 0 and sum(latest) > 0  # the pre-activations, not the ReLU's output

@@ -117,12 +117,16 @@ class LayerState:
         self.saved_rows: torch.Tensor | None = None  # weight rows before the optimizer step
         self.start = _start_stats(self, x)
         #: Pre-activation values of the first batch, and of the open window's last sampled step.
-        self.start_values = _value_sample(self, x).cpu().numpy()
+        self.start_values = _value_sample(self, x).cpu().numpy().copy()
         self.values: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> None:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         self.device = device
+        if device.type == "cpu":
+            # Fold each call's maxima at once: small tensors kept across calls, between the
+            # model's large transient ones, fragment the C heap, and it grows with the run.
+            self.pending_limit = 1
         self.max_pre = self.tensors["max_pre"]
         self.fire_count = self.tensors["fire_count"]
         self.abs_sum = self.tensors["abs_sum"]
@@ -169,7 +173,7 @@ class LayerState:
             c.name: self.tensors[c.name].detach().cpu().numpy().copy() for c in COUNTERS
         }
         snap.update({name: getattr(self, name) for name in HOST_COUNTERS})
-        snap["values"] = None if self.values is None else self.values.cpu().numpy()
+        snap["values"] = None if self.values is None else self.values.cpu().numpy().copy()
         return snap
 
     def reset(self) -> None:
@@ -190,11 +194,12 @@ def _start_stats(layer: LayerState, x: torch.Tensor) -> dict[str, float]:
 
 
 def _value_sample(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
-    """At most ``HISTOGRAM_VALUES`` values of ``x``, spread evenly over its first samples."""
+    """At most ``HISTOGRAM_VALUES`` values of ``x``, spread evenly over its first samples (a
+    view of ``x`` where its dtype allows: copy it before ``x`` can change)."""
     with torch.no_grad():
         flat = _leading_samples(layer, x.detach()).reshape(-1)
         stride = max(1, flat.numel() // HISTOGRAM_VALUES)
-        return flat[::stride][:HISTOGRAM_VALUES].float().clone()
+        return flat[::stride][:HISTOGRAM_VALUES].float()
 
 
 def _leading_samples(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
@@ -316,7 +321,11 @@ class Tracker(Sink):
         layer.positions += n
         if not self.sampling:
             return
-        layer.values = _value_sample(layer, x)
+        sample = _value_sample(layer, x)
+        if layer.values is not None and layer.values.shape == sample.shape:
+            layer.values.copy_(sample)  # in place: no allocation kept across calls
+        else:
+            layer.values = sample.clone()
         if layer.site.kind not in NON_NEGATIVE:
             # sign(max(x, 0)) is 1 where x > 0: cheaper than summing a boolean mask.
             head = _leading_samples(layer, x)
