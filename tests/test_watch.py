@@ -792,3 +792,25 @@ def test_histogram_values_are_copies_an_inplace_relu_cannot_change():
     below_zero = [n for n, right in zip(histogram["start"], edges[1:], strict=True) if right <= 0]
     latest = [n for n, right in zip(histogram["end"], edges[1:], strict=True) if right <= 0]
     assert sum(below_zero) > 0 and sum(latest) > 0  # the pre-activations, not the ReLU's output
+
+
+def test_per_call_maxima_kept_for_a_later_fold_give_the_exact_maximum():
+    # on a GPU maxima wait in layer.pending and are folded every few calls; on the CPU at once
+    import torch
+    from torch import nn
+
+    import reludoctor as rd
+
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU())
+    batches = [torch.randn(8, 3) for _ in range(6)]
+    with rd.watch(model, window=100, sample_every=1) as doc:
+        model(batches[0])
+        [layer] = doc.tracker.layers
+        assert layer.pending_limit == 1  # CPU
+        layer.pending_limit = 3  # as on a GPU
+        for batch in batches[1:]:
+            model(batch)
+        assert 0 < len(layer.pending) < 3
+        layer.fold()
+        expected = torch.stack([model[0](b) for b in batches]).amax((0, 1))
+        assert torch.equal(layer.max_pre, expected.detach())

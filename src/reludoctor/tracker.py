@@ -81,8 +81,8 @@ HOST_COUNTERS = (
 Snapshot = dict[str, Any]
 
 
-#: A layer's per-call maxima are kept (one kernel each) and folded into the running maximum
-#: every this many calls (amortised: two kernels per fold).
+#: On a GPU a layer's per-call maxima are kept (one kernel each) and folded into the running
+#: maximum every this many calls (amortised: two kernels per fold); on the CPU at once.
 PENDING_MAXIMA = 16
 #: ... as long as they take at most this many floats per layer.
 PENDING_BUDGET = 1 << 20
@@ -104,7 +104,6 @@ class LayerState:
             self.layout = "channels"
         else:
             self.layout = "other"
-        self.pending_limit = max(1, min(PENDING_MAXIMA, PENDING_BUDGET // max(self.units, 1)))
         self.pending: list[torch.Tensor] = []
         self.tensors = {
             c.name: torch.full((self.units,) if c.per_unit else (), c.initial, dtype=c.dtype)
@@ -123,10 +122,14 @@ class LayerState:
     def to(self, device: torch.device) -> None:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         self.device = device
-        if device.type == "cpu":
-            # Fold each call's maxima at once: small tensors kept across calls, between the
-            # model's large transient ones, fragment the C heap, and it grows with the run.
-            self.pending_limit = 1
+        # On the CPU each call's maxima are folded at once: small tensors kept across calls,
+        # between the model's large transient ones, fragment the C heap, and it grows with
+        # the run. Elsewhere folding is amortised over calls (fewer kernel launches).
+        self.pending_limit = (
+            1
+            if device.type == "cpu"
+            else max(1, min(PENDING_MAXIMA, PENDING_BUDGET // max(self.units, 1)))
+        )
         self.max_pre = self.tensors["max_pre"]
         self.fire_count = self.tensors["fire_count"]
         self.abs_sum = self.tensors["abs_sum"]
