@@ -186,3 +186,27 @@ def test_two_models_with_their_own_optimizers_each_get_their_steps(tmp_path):
         "Sequential-2.json",
         "Sequential-2.html",
     ]
+
+
+def test_a_script_that_watches_its_model_itself_keeps_its_own_monitor(tmp_path):
+    from reludoctor.run import ScriptRun
+
+    path = tmp_path / "own.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch, reludoctor as rd
+            model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU())
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            with rd.watch(model, window=2) as doc:
+                for _ in range(3):
+                    opt.zero_grad(); model(torch.randn(4, 2)).sum().backward(); opt.step()
+                    doc.step()
+            assert doc.report().meta["steps"] == 3
+            """
+        )
+    )
+    run = ScriptRun(path, [], window=2)
+    with pytest.warns(RuntimeWarning, match="not watching Sequential"):
+        assert run.run() == 0
+    assert run.watched == []

@@ -39,6 +39,7 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,19 +102,29 @@ class ScriptRun:
         self._loss: torch.Tensor | None = None
         self._stepped_by: dict[int, int] = {}  # model id -> id of the optimizer that steps it
         self._owned_by: dict[tuple[int, int], set[int]] = {}
+        self._seen: set[int] = set()  # ids of the models found (watched or not)
 
     # -- the hooks ---------------------------------------------------------------------------
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         self._depth += 1
         outermost = self._depth == 1 and module.training and torch.is_grad_enabled()
-        if outermost and not any(w.model is module for w in self.watched) and _trains(module):
+        if outermost and id(module) not in self._seen and _trains(module):
+            self._seen.add(id(module))
             self._watch(module)
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         self._depth = max(self._depth - 1, 0)
 
     def _watch(self, model: nn.Module) -> None:
-        monitor = watch(model, window=self.window, sample_every=self.sample_every)
+        try:
+            monitor = watch(model, window=self.window, sample_every=self.sample_every)
+        except RuntimeError as error:  # e.g. the script watches this model itself
+            warnings.warn(
+                f"reludoctor run: not watching {type(model).__name__}: {error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         params = {id(p) for p in model.parameters() if p.requires_grad}
         self.watched.append(_Watched(model, monitor, params))
 
