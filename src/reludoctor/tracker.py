@@ -30,7 +30,7 @@ NON_NEGATIVE = frozenset({"relu", "relu6"})
 #: Sampled statistics of a large activation use the batch's first samples, up to this many
 #: values: the temporaries they need then stay small (fresh multi-megabyte temporaries cost
 #: more in page faults than the arithmetic), and a rate needs no more.
-SAMPLED_ELEMENTS = 1 << 16
+SAMPLED_ELEMENTS = 1 << 18
 #: The update-to-weight ratio is measured on a weight's first rows (a copy of at most this
 #: many rows lives from the backward pass to ``doc.step`` on sampled steps).
 UPDATE_ROWS = 256
