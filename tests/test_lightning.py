@@ -76,6 +76,7 @@ def test_a_real_fit_is_watched_and_logged_through_the_trainers_logger(tmp_path):
     assert [int(row["step"]) for row in rows] == [5, 10, 15, 20]  # global_step at each window
     assert float(rows[-1]["reludoctor/dead_fraction/body.1"]) == pytest.approx(0.2)
     assert float(rows[-1]["reludoctor/alive_units/hidden_relu"]) == 6
+    assert any(row.get("reludoctor/grad_norm/body.1") for row in rows)  # as TensorBoard has
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["layers"][0]["dead_units"] == DEAD
     assert doctor.doc.closed  # hooks removed when fitting ended

@@ -33,7 +33,7 @@ import torch
 from reludoctor.errors import InputError
 from reludoctor.facts import LayerFacts, ModelFacts, weight_facts
 from reludoctor.keras_tap import TrainStepTap
-from reludoctor.monitor import build_report, observe
+from reludoctor.monitor import _positive_int, build_report, observe
 from reludoctor.probes import Site
 from reludoctor.report.model import Report
 from reludoctor.rules import Thresholds
@@ -395,8 +395,7 @@ class KerasWatch:
             state = self._states.get(name)
             if grad is None or state is None:
                 continue
-            rows = np.moveaxis(_array(grad), -1, 0)  # one row per output unit (channels last)
-            self.tracker.observe_weight_gradient(state, torch.from_numpy(rows.copy()))
+            self.tracker.observe_weight_gradient(state, units_first(grad))
 
     def observe_updates(self, ratios: dict[str, float]) -> None:
         """Count one step's update-to-weight ratio of each watched layer's kernel."""
@@ -498,9 +497,7 @@ def _doctor_callback_class() -> type:
             # (no sync of the loss each step); the lock keeps the tracker to one caller.
             self.async_safe = True
             self._lock = threading.Lock()
-            for value, label in ((every, "every"), (window, "window")):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{label} must be a whole number >= 1, got {value!r}")
+            every, window = _positive_int(every, "every"), _positive_int(window, "window")
             if probe_data is None and probe_targets is not None:
                 raise ValueError(
                     "DoctorCallback got probe_targets without probe_data: pass both, or neither "

@@ -3,10 +3,11 @@
 The callback puts ``rd.watch`` on the LightningModule when fitting starts and counts each
 training batch's whole ``training_step`` (so activations are seen however the step reaches
 the network: ``self(x)``, ``self.net(x)`` or functional calls). A batch is a step; windows
-close every ``window`` batches. At each window's end the dead fraction and alive units of
-every layer are logged through the trainer's loggers (rank 0 only, as Lightning logs), under
-``reludoctor/``. Under the ``ddp`` strategies the ranks' counts are combined as
-``rd.watch`` does (see :mod:`reludoctor.distributed`).
+close every ``window`` batches. At each window's end the scalars ``rd.watch`` writes to
+TensorBoard (dead fraction, alive units and gradient norm of every layer, the dead fraction
+over all layers whose units can die) are logged through the trainer's loggers (rank 0 only,
+as Lightning logs), under ``reludoctor/``. Under the ``ddp`` strategies the ranks' counts
+are combined as ``rd.watch`` does (see :mod:`reludoctor.distributed`).
 
 Needs the ``lightning`` package (``pip install reludoctor[lightning]``).
 """
@@ -23,7 +24,7 @@ from reludoctor.errors import InputError
 from reludoctor.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
 from reludoctor.report.model import Report, Window
 from reludoctor.rules import Thresholds
-from reludoctor.tensorboard import layer_tag
+from reludoctor.tensorboard import LayerTags, window_scalars
 
 try:
     import lightning as L
@@ -76,6 +77,7 @@ class DoctorCallback(L.Callback):
         self.doc: Monitor | None = None
         self._trainer: Any = None
         self._in_step = False
+        self._tags = LayerTags()
 
     # -- fitting -----------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -135,15 +137,9 @@ class DoctorCallback(L.Callback):
         trainer = self._trainer
         if trainer is None or not trainer.is_global_zero or not trainer.loggers:
             return
-        metrics: dict[str, float] = {}
-        units = dead = 0
-        for layer in window.layers:
-            tag = layer_tag(layer.name)
-            metrics[f"reludoctor/dead_fraction/{tag}"] = layer.dead_fraction
-            metrics[f"reludoctor/alive_units/{tag}"] = float(layer.units - layer.dead)
-            units, dead = units + layer.units, dead + layer.dead
-        if units:
-            metrics["reludoctor/dead_fraction/all"] = dead / units
+        assert self.doc is not None
+        scalars = window_scalars(window, self.doc.tracker, self._tags)
+        metrics = {f"reludoctor/{tag}": value for tag, value in scalars.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 

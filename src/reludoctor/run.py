@@ -98,6 +98,8 @@ class ScriptRun:
         self.watched: list[_Watched] = []
         #: How the script ended: "finished", "exit", "error" or "interrupted".
         self.ending = "finished"
+        #: One report per watched model, in the order they started training (after run()).
+        self.reports: list[Report] = []
         self._depth = 0
         self._loss: torch.Tensor | None = None
         self._stepped_by: dict[int, int] = {}  # model id -> id of the optimizer that steps it
@@ -201,6 +203,7 @@ class ScriptRun:
             sys.argv, sys.path[:] = argv, path
             for watched in self.watched:
                 watched.monitor.close()
+            self.reports = [self._report(watched) for watched in self.watched]
         return code
 
     def _print_traceback(self, error: BaseException) -> None:
@@ -211,16 +214,11 @@ class ScriptRun:
             tb = tb.tb_next
         traceback.print_exception(type(error), error, tb or error.__traceback__)
 
-    @property
-    def reports(self) -> list[Report]:
-        """One report per watched model, in the order they started training."""
-        reports = []
-        for watched in self.watched:
-            report = watched.monitor._report()
-            report.meta["script"] = str(self.script)
-            report.meta["ending"] = self.ending
-            reports.append(report)
-        return reports
+    def _report(self, watched: _Watched) -> Report:
+        report = watched.monitor._report()
+        report.meta["script"] = str(self.script)
+        report.meta["ending"] = self.ending
+        return report
 
     def write(self, out: str | os.PathLike[str]) -> list[Path]:
         """Each report as ``<model>.json`` and ``<model>.html`` in ``out`` (rank 0 only under

@@ -47,6 +47,47 @@ def layer_tag(name: str) -> str:
     return tag or "_"
 
 
+class LayerTags:
+    """Each layer's tag part: :func:`layer_tag`, made distinct per layer and never
+    ``ALL_LAYERS`` (``_2``, ``_3`` ... appended)."""
+
+    def __init__(self) -> None:
+        #: Each layer's name and its tag part.
+        self.tags: dict[str, str] = {}
+
+    def __call__(self, layer: str) -> str:
+        if layer not in self.tags:
+            taken = {*self.tags.values(), ALL_LAYERS}
+            base = tag = layer_tag(layer)
+            suffix = 1
+            while tag in taken:
+                suffix += 1
+                tag = f"{base}_{suffix}"
+            self.tags[layer] = tag
+        return self.tags[layer]
+
+
+def window_scalars(window: Window, tracker: Tracker, tags: LayerTags) -> dict[str, float]:
+    """A closed window's scalars by tag: per layer ``dead_fraction/<tag>``,
+    ``alive_units/<tag>`` and ``grad_norm/<tag>`` (when measured), and ``dead_fraction/all``
+    over the layers whose units can die. Shared by TensorBoard and Lightning's loggers."""
+    kinds = {layer.site.name: layer.site.kind for layer in tracker.layers}
+    scalars: dict[str, float] = {}
+    mortal_units = mortal_dead = 0
+    for layer in window.layers:
+        tag = tags(layer.name)
+        scalars[f"dead_fraction/{tag}"] = layer.dead_fraction
+        scalars[f"alive_units/{tag}"] = float(layer.units - layer.dead)
+        if layer.grad_norm is not None:
+            scalars[f"grad_norm/{tag}"] = layer.grad_norm
+        if kinds.get(layer.name) in ZERO_SLOPE_KINDS:
+            mortal_units += layer.units
+            mortal_dead += layer.dead
+    if mortal_units:
+        scalars[f"dead_fraction/{ALL_LAYERS}"] = mortal_dead / mortal_units
+    return scalars
+
+
 def findings_markdown(findings: Iterable[Finding]) -> str:
     """Findings as a Markdown list: severity, code, layer, message and remedies of each.
 
@@ -155,47 +196,29 @@ class TensorBoardLog:
         summary_writer = _summary_writer_class()
         self.log_dir = _writable_directory(log_dir)
         self.tracker = tracker
-        #: Each layer's name and the tag part it is written under (distinct per layer).
-        self.tags: dict[str, str] = {}
+        self.tag = LayerTags()  # the tag part each layer is written under
         self._writer: Any = summary_writer(log_dir=str(self.log_dir))
 
     @property
     def closed(self) -> bool:
         return self._writer is None
 
-    def tag(self, layer: str) -> str:
-        """The tag part of the layer called ``layer``; two layers never share one."""
-        if layer not in self.tags:
-            taken = {*self.tags.values(), ALL_LAYERS}
-            base = tag = layer_tag(layer)
-            suffix = 1
-            while tag in taken:
-                suffix += 1
-                tag = f"{base}_{suffix}"
-            self.tags[layer] = tag
-        return self.tags[layer]
+    @property
+    def tags(self) -> dict[str, str]:
+        """Each layer's name and the tag part it is written under (distinct per layer)."""
+        return self.tag.tags
 
     def __call__(self, window: Window) -> None:
         """Write one closed window's scalars and histograms at step ``window.end_step``."""
         if self._writer is None:
             return
         writer, step = self._writer, window.end_step
-        kinds = {layer.site.name: layer.site.kind for layer in self.tracker.layers}
-        mortal_units = mortal_dead = 0
+        for tag, value in window_scalars(window, self.tracker, self.tag).items():
+            writer.add_scalar(tag, value, step)
         for layer in window.layers:
-            tag = self.tag(layer.name)
-            writer.add_scalar(f"dead_fraction/{tag}", layer.dead_fraction, step)
-            writer.add_scalar(f"alive_units/{tag}", layer.units - layer.dead, step)
-            if layer.grad_norm is not None:
-                writer.add_scalar(f"grad_norm/{tag}", layer.grad_norm, step)
-            if kinds.get(layer.name) in ZERO_SLOPE_KINDS:
-                mortal_units += layer.units
-                mortal_dead += layer.dead
             values = self.tracker.window_values.get(layer.name, {})
             for kind in ("preactivation", "unit_gradient"):
-                self._histogram(f"{kind}/{tag}", values.get(kind), step)
-        if mortal_units:
-            writer.add_scalar(f"dead_fraction/{ALL_LAYERS}", mortal_dead / mortal_units, step)
+                self._histogram(f"{kind}/{self.tag(layer.name)}", values.get(kind), step)
         if window.loss_mean is not None and math.isfinite(window.loss_mean):
             writer.add_scalar("loss", window.loss_mean, step)
         writer.flush()
