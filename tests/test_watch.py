@@ -814,3 +814,43 @@ def test_per_call_maxima_kept_for_a_later_fold_give_the_exact_maximum():
         layer.fold()
         expected = torch.stack([model[0](b) for b in batches]).amax((0, 1))
         assert torch.equal(layer.max_pre, expected.detach())
+
+
+def test_kept_values_follow_the_latest_batch_shape():
+    # the positions gathered for the histogram are worked out again when the shape changes
+    from reludoctor.tracker import HISTOGRAM_VALUES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 300), nn.ReLU())
+    sizes = [64, 64, 17, 3, 40, 5]  # e.g. varying lengths, a last smaller batch
+    buffers = set()
+    with torch.no_grad(), rd.watch(model, window=100, sample_every=1) as doc:
+        for size in sizes:
+            x = torch.randn(size, 4)
+            model(x)
+            doc.step()
+            [layer] = doc.tracker.layers
+            buffers.add(layer.values.data_ptr())
+        kept = layer.snapshot()["values"]
+    assert len(buffers) == 1  # one buffer whatever the shapes: nothing piles up
+    flat = model[0](x).reshape(-1)
+    expected = flat[:: max(1, flat.numel() // HISTOGRAM_VALUES)][:HISTOGRAM_VALUES]
+    assert kept.tolist() == pytest.approx(expected.tolist())
+
+
+def test_lasting_cpu_tensors_are_carved_from_few_blocks():
+    # made one by one between the model's transients, they would fragment the C heap
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(64, 64), nn.ReLU()) for _ in range(24)))
+    with torch.no_grad(), rd.watch(model, window=100, sample_every=1) as doc:
+        model(torch.randn(32, 64))
+        model(torch.randn(32, 64))
+        layers = doc.tracker.layers
+        lasting = [
+            t for layer in layers for t in (*layer.tensors.values(), layer.values, layer.scratch)
+        ]
+        blocks = {t.untyped_storage().data_ptr() for t in lasting}
+        assert len(layers) == 24 and len(lasting) == 24 * 9
+        assert len(blocks) == 1
+        report = doc.report()
+    assert [layer.samples for layer in report.layers] == [64] * 24

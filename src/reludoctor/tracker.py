@@ -30,7 +30,7 @@ NON_NEGATIVE = frozenset({"relu", "relu6"})
 #: Sampled statistics of a large activation use the batch's first samples, up to this many
 #: values: the temporaries they need then stay small (fresh multi-megabyte temporaries cost
 #: more in page faults than the arithmetic), and a rate needs no more.
-SAMPLED_ELEMENTS = 1 << 18
+SAMPLED_ELEMENTS = 1 << 16
 #: The update-to-weight ratio is measured on a weight's first rows (a copy of at most this
 #: many rows lives from the backward pass to ``doc.step`` on sampled steps).
 UPDATE_ROWS = 256
@@ -86,13 +86,47 @@ Snapshot = dict[str, Any]
 PENDING_MAXIMA = 16
 #: ... as long as they take at most this many floats per layer.
 PENDING_BUDGET = 1 << 20
+#: On the CPU a tracker's lasting tensors are views of blocks of this many bytes (Slab);
+#: a tensor over a quarter of it gets its own allocation.
+SLAB_BYTES = 4 << 20
+
+
+class Slab:
+    """Lasting CPU tensors (counters, kept values, scratch) carved from a few large blocks.
+
+    Each layer's lasting tensors are made during the model's first forward, between its
+    large transient tensors. Made one by one, small tensors that stay fragment the C heap:
+    the freed transients no longer fit the holes they leave, so the heap grows by about a
+    transient per layer (+250 MiB on a 256-layer MLP) and its fresh pages fault in.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blocks: dict[torch.dtype, tuple[torch.Tensor, int]] = {}
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised CPU tensor of ``shape`` that lives as long as it is referenced."""
+        numel = math.prod(shape)
+        if numel * dtype.itemsize > SLAB_BYTES // 4:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            block, used = self._blocks.get(dtype, (None, 0))
+            if block is None or used + numel > block.numel():
+                block, used = torch.empty(SLAB_BYTES // dtype.itemsize, dtype=dtype), 0
+            line = max(1, 64 // dtype.itemsize)  # each tensor starts a cache line of its own
+            self._blocks[dtype] = (block, used + -(-numel // line) * line)
+        return block[used : used + numel].view(shape)
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: torch.dtype) -> torch.Tensor:
+        return self.empty(shape, dtype).fill_(value)
 
 
 class LayerState:
     """Counters of one activation call site, on the device its inputs live on."""
 
-    def __init__(self, site: Site, x: torch.Tensor) -> None:
+    def __init__(self, site: Site, x: torch.Tensor, slab: Slab) -> None:
         self.site = site
+        self.slab = slab
         self.rank = x.dim()
         self.unit_dim = site.unit_dim
         self.units = int(x.shape[self.unit_dim]) if self.rank else 1
@@ -105,8 +139,15 @@ class LayerState:
         else:
             self.layout = "other"
         self.pending: list[torch.Tensor] = []
+        #: Pre-activation values of the open window's last sampled step (a view of a buffer
+        #: made once), and the positions they are gathered from, for the latest input shape.
+        self.values: torch.Tensor | None = None
+        self._values_buffer: torch.Tensor | None = None
+        self._index_buffer: torch.Tensor | None = None
+        self._value_index: torch.Tensor | None = None
+        self._indexed: torch.Size | None = None
         self.tensors = {
-            c.name: torch.full((self.units,) if c.per_unit else (), c.initial, dtype=c.dtype)
+            c.name: slab.full((self.units,) if c.per_unit else (), c.initial, c.dtype)
             for c in COUNTERS
         }
         self.to(x.device)
@@ -115,13 +156,17 @@ class LayerState:
         self.warned_shape = False
         self.saved_rows: torch.Tensor | None = None  # weight rows before the optimizer step
         self.start = _start_stats(self, x)
-        #: Pre-activation values of the first batch, and of the open window's last sampled step.
-        self.start_values = _value_sample(self, x).cpu().numpy().copy()
-        self.values: torch.Tensor | None = None
+        #: Pre-activation values of the first batch.
+        start = _value_sample(self, x)
+        self.start_values = slab.empty(tuple(start.shape)).copy_(start).numpy()
 
     def to(self, device: torch.device) -> None:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         self.device = device
+        #: On the CPU, each call's per-unit reductions are written here (no allocation).
+        self.scratch = self.slab.empty((self.units,)) if device.type == "cpu" else None
+        self.values = self._values_buffer = self._index_buffer = self._value_index = None
+        self._indexed = None
         # On the CPU each call's maxima are folded at once: small tensors kept across calls,
         # between the model's large transient ones, fragment the C heap, and it grows with
         # the run. Elsewhere folding is amortised over calls (fewer kernel launches).
@@ -179,6 +224,36 @@ class LayerState:
         snap["values"] = None if self.values is None else self.values.cpu().numpy().copy()
         return snap
 
+    def keep_values(self, x: torch.Tensor) -> None:
+        """Keep :func:`_value_sample` of ``x`` as the window's latest values, in buffers made
+        once: a gather of positions worked out once per shape when ``x`` is contiguous
+        float32 (the common case), else a copy of strided views."""
+        if x.dtype == torch.float32 and x.is_contiguous():
+            if self._indexed != x.shape:
+                positions = _value_positions(self, x)
+                if self._index_buffer is None:
+                    self._index_buffer = self._lasting((HISTOGRAM_VALUES,), torch.int64)
+                self._value_index = self._index_buffer[: positions.numel()].copy_(positions)
+                self._indexed = x.shape
+            index = self._value_index
+            torch.index_select(x.view(-1), 0, index, out=self._values_of(index.numel()))
+        else:
+            sample = _value_sample(self, x)
+            self._values_of(sample.numel()).copy_(sample)
+
+    def _values_of(self, count: int) -> torch.Tensor:
+        """The kept values, resized to ``count`` (at most ``HISTOGRAM_VALUES``)."""
+        if self._values_buffer is None:
+            self._values_buffer = self._lasting((HISTOGRAM_VALUES,), torch.float32)
+        self.values = self._values_buffer[:count]
+        return self.values
+
+    def _lasting(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor on this layer's device to keep (in the slab on the CPU)."""
+        if self.device.type == "cpu":
+            return self.slab.empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
     def reset(self) -> None:
         for counter in COUNTERS:
             self.tensors[counter.name].fill_(counter.initial)
@@ -188,11 +263,15 @@ class LayerState:
 
 
 def _start_stats(layer: LayerState, x: torch.Tensor) -> dict[str, float]:
-    """The layer's first batch: share of units that did not fire, pre-activation mean/std."""
+    """The layer's first batch: share of units that did not fire, pre-activation mean/std
+    (of its first samples, up to ``SAMPLED_ELEMENTS`` values)."""
     with torch.no_grad():
         x = x.detach().float()
         never = (_per_unit_max(layer, x) <= 0).float().mean()
-        stats = torch.stack([never, x.mean(), x.std(unbiased=False)]).cpu().tolist()
+        head = _leading_samples(layer, x)  # the mean and spread need no more values
+        mean = head.mean()
+        std = (head - mean).square_().mean().sqrt_()  # 6x faster than std_mean on the CPU
+        stats = torch.stack([never, mean, std]).cpu().tolist()
     return dict(zip(("dead_fraction", "preact_mean", "preact_std"), stats, strict=True))
 
 
@@ -205,6 +284,13 @@ def _value_sample(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
         return flat[::stride][:HISTOGRAM_VALUES].float()
 
 
+def _value_positions(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
+    """Flat positions in ``x`` of the values :func:`_value_sample` takes."""
+    leading = _leading_samples(layer, x).numel()
+    stride = max(1, leading // HISTOGRAM_VALUES)
+    return torch.arange(0, leading, stride, device=x.device)[:HISTOGRAM_VALUES]
+
+
 def _leading_samples(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
     """The first samples of the batch, at most ``SAMPLED_ELEMENTS`` values (a view)."""
     if layer.unit_dim == 0 or x.dim() < 2 or x.numel() <= SAMPLED_ELEMENTS:
@@ -214,32 +300,41 @@ def _leading_samples(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_unit(
-    layer: LayerState, x: torch.Tensor, reduce: Callable[[torch.Tensor, Any], torch.Tensor]
+    layer: LayerState,
+    x: torch.Tensor,
+    reduce: Callable[..., torch.Tensor],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``reduce(tensor, dims)`` of ``x`` over every dim but the units' (a new tensor).
+    """``reduce(tensor, dims)`` of ``x`` over every dim but the units' (written to ``out``
+    when given, else a new tensor).
 
     Contiguous inputs are reduced along memory order: a strided reduction over (0, 2, 3) of
     a fresh conv output is 2-6x slower.
     """
     layout = layer.layout
     if layout == "units_last" and x.is_contiguous():
-        return reduce(x.reshape(-1, layer.units), 0)
+        return reduce(x.reshape(-1, layer.units), 0, out=out)
     if layout == "channels" and x.is_contiguous():
-        return reduce(reduce(x.flatten(2), 2), 0)
+        return reduce(reduce(x.flatten(2), 2), 0, out=out)
     dims = layer.reduce_dims
-    return reduce(x, dims) if dims else x.float().clone()
+    if dims:
+        return reduce(x, dims, out=out)
+    return x.float().clone() if out is None else out.copy_(x)
 
 
-def _per_unit_max(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
-    return _per_unit(layer, x, torch.amax)
+def _per_unit_max(
+    layer: LayerState, x: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    # amax writes only to a tensor of its input's dtype
+    return _per_unit(layer, x, torch.amax, out if x.dtype == torch.float32 else None)
 
 
 def _per_unit_sum(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
-    return _per_unit(layer, x, _sum32)
+    return _per_unit(layer, x, _sum32, layer.scratch)
 
 
-def _sum32(x: torch.Tensor, dims: Any) -> torch.Tensor:
-    return torch.sum(x, dims, dtype=torch.float32)
+def _sum32(x: torch.Tensor, dims: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.sum(x, dims, dtype=torch.float32, out=out)
 
 
 def merge(a: Snapshot | None, b: Snapshot | None) -> Snapshot | None:
@@ -282,6 +377,7 @@ class Tracker(Sink):
         self.learning_rate: Callable[[], float | None] = lambda: None
         self.inputs = InputStats()
         self.example_input: torch.Tensor | None = None
+        self._slab = Slab()
         self._scratch = threading.local()  # per thread: a CPU buffer reused for elementwise work
         self._saved: list[LayerState] = []
         self._output_spread: torch.Tensor | None = None
@@ -299,7 +395,7 @@ class Tracker(Sink):
     def new_layer(self, site: Site, x: torch.Tensor) -> LayerState | None:
         if not x.is_floating_point() or (x.dim() and x.shape[site.unit_dim] == 0):
             return None
-        layer = LayerState(site, x)
+        layer = LayerState(site, x, self._slab)
         self.layers.append(layer)
         if self.sampling:
             self._arm(layer)
@@ -315,20 +411,21 @@ class Tracker(Sink):
         n = x.numel() // layer.units
         if n == 0:
             return
-        # The one reduction of every step: the per-unit maximum, kept until the next fold.
+        # The one reduction of every step: the per-unit maximum, kept until the next fold
+        # (on the CPU folded at once, from the scratch it was written to).
         x = x.detach()
-        pending = layer.pending
-        pending.append(_per_unit_max(layer, x))
-        if len(pending) >= layer.pending_limit:
-            layer.fold()
+        if layer.pending_limit == 1:
+            latest = _per_unit_max(layer, x, layer.scratch)
+            torch.maximum(layer.max_pre, latest, out=layer.max_pre)
+        else:
+            pending = layer.pending
+            pending.append(_per_unit_max(layer, x))
+            if len(pending) >= layer.pending_limit:
+                layer.fold()
         layer.positions += n
         if not self.sampling:
             return
-        sample = _value_sample(layer, x)
-        if layer.values is not None and layer.values.shape == sample.shape:
-            layer.values.copy_(sample)  # in place: no allocation kept across calls
-        else:
-            layer.values = sample.clone()
+        layer.keep_values(x)
         if layer.site.kind not in NON_NEGATIVE:
             # sign(max(x, 0)) is 1 where x > 0: cheaper than summing a boolean mask.
             head = _leading_samples(layer, x)
@@ -358,7 +455,7 @@ class Tracker(Sink):
         buffers = self._scratch.__dict__.setdefault("buffers", {})
         flat = buffers.get(like.dtype)
         if flat is None or flat.numel() < like.numel():
-            flat = buffers[like.dtype] = torch.empty(like.numel(), dtype=like.dtype)
+            flat = buffers[like.dtype] = self._slab.empty((like.numel(),), like.dtype)
         return flat[: like.numel()].view(like.shape)
 
     def wants_model_input(self) -> bool:
