@@ -243,6 +243,9 @@ class LayerState:
 
     def _values_of(self, count: int) -> torch.Tensor:
         """The kept values, resized to ``count`` (at most ``HISTOGRAM_VALUES``)."""
+        values = self.values
+        if values is not None and values.numel() == count:
+            return values
         if self._values_buffer is None:
             self._values_buffer = self._lasting((HISTOGRAM_VALUES,), torch.float32)
         self.values = self._values_buffer[:count]
@@ -313,7 +316,7 @@ def _per_unit(
     """
     layout = layer.layout
     if layout == "units_last" and x.is_contiguous():
-        return reduce(x.reshape(-1, layer.units), 0, out=out)
+        return reduce(x if x.dim() == 2 else x.reshape(-1, layer.units), 0, out=out)
     if layout == "channels" and x.is_contiguous():
         return reduce(reduce(x.flatten(2), 2), 0, out=out)
     dims = layer.reduce_dims
@@ -413,7 +416,8 @@ class Tracker(Sink):
             return
         # The one reduction of every step: the per-unit maximum, kept until the next fold
         # (on the CPU folded at once, from the scratch it was written to).
-        x = x.detach()
+        if x.requires_grad:
+            x = x.detach()
         if layer.pending_limit == 1:
             latest = _per_unit_max(layer, x, layer.scratch)
             torch.maximum(layer.max_pre, latest, out=layer.max_pre)
@@ -435,7 +439,7 @@ class Tracker(Sink):
     def observe_output(self, layer: LayerState, out: torch.Tensor) -> None:
         if not layer.fits(out) or out.numel() == 0:
             return
-        head = _leading_samples(layer, out.detach())
+        head = _leading_samples(layer, out.detach() if out.requires_grad else out)
         layer.sampled_positions += head.numel() // layer.units
         if layer.site.kind in NON_NEGATIVE:
             # The output is never negative: it is its own magnitude, and > 0 where x > 0.
@@ -453,10 +457,14 @@ class Tracker(Sink):
         if like.device.type != "cpu":
             return None
         buffers = self._scratch.__dict__.setdefault("buffers", {})
-        flat = buffers.get(like.dtype)
+        flat, shape, view = buffers.get(like.dtype, (None, None, None))
+        if shape == like.shape:  # the view made last time (a dispatch each saved)
+            return view
         if flat is None or flat.numel() < like.numel():
-            flat = buffers[like.dtype] = self._slab.empty((like.numel(),), like.dtype)
-        return flat[: like.numel()].view(like.shape)
+            flat = self._slab.empty((like.numel(),), like.dtype)
+        view = flat[: like.numel()].view(like.shape)
+        buffers[like.dtype] = (flat, like.shape, view)
+        return view
 
     def wants_model_input(self) -> bool:
         return self.inputs.wanted
