@@ -231,8 +231,7 @@ class LayerState:
         if x.dtype == torch.float32 and x.is_contiguous():
             if self._indexed != x.shape:
                 positions = _value_positions(self, x)
-                if self._index_buffer is None:
-                    self._index_buffer = self._lasting((HISTOGRAM_VALUES,), torch.int64)
+                self._index_buffer = self._room(self._index_buffer, positions.numel(), torch.int64)
                 self._value_index = self._index_buffer[: positions.numel()].copy_(positions)
                 self._indexed = x.shape
             index = self._value_index
@@ -246,16 +245,19 @@ class LayerState:
         values = self.values
         if values is not None and values.numel() == count:
             return values
-        if self._values_buffer is None:
-            self._values_buffer = self._lasting((HISTOGRAM_VALUES,), torch.float32)
+        self._values_buffer = self._room(self._values_buffer, count, torch.float32)
         self.values = self._values_buffer[:count]
         return self.values
 
-    def _lasting(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised tensor on this layer's device to keep (in the slab on the CPU)."""
+    def _room(self, buffer: torch.Tensor | None, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """``buffer`` if it holds ``count`` values, else a new one to keep (in the slab on the
+        CPU): first just big enough, then ``HISTOGRAM_VALUES`` long, so at most two are made."""
+        if buffer is not None and buffer.numel() >= count:
+            return buffer
+        size = count if buffer is None else max(count, HISTOGRAM_VALUES)
         if self.device.type == "cpu":
-            return self.slab.empty(shape, dtype)
-        return torch.empty(shape, dtype=dtype, device=self.device)
+            return self.slab.empty((size,), dtype)
+        return torch.empty(size, dtype=dtype, device=self.device)
 
     def reset(self) -> None:
         for counter in COUNTERS:
