@@ -285,15 +285,19 @@ def _value_sample(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
     view of ``x`` where its dtype allows: copy it before ``x`` can change)."""
     with torch.no_grad():
         flat = _leading_samples(layer, x.detach()).reshape(-1)
-        stride = max(1, flat.numel() // HISTOGRAM_VALUES)
-        return flat[::stride][:HISTOGRAM_VALUES].float()
+        return flat[:: _value_stride(flat.numel())][:HISTOGRAM_VALUES].float()
 
 
 def _value_positions(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
     """Flat positions in ``x`` of the values :func:`_value_sample` takes."""
     leading = _leading_samples(layer, x).numel()
-    stride = max(1, leading // HISTOGRAM_VALUES)
-    return torch.arange(0, leading, stride, device=x.device)[:HISTOGRAM_VALUES]
+    positions = torch.arange(0, leading, _value_stride(leading), device=x.device)
+    return positions[:HISTOGRAM_VALUES]
+
+
+def _value_stride(leading: int) -> int:
+    """Every how many of the leading values one is kept: ``HISTOGRAM_VALUES`` in all."""
+    return max(1, leading // HISTOGRAM_VALUES)
 
 
 def _leading_samples(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
