@@ -175,3 +175,25 @@ def test_demo_treat_shows_each_remedy_against_the_untreated_copy(tmp_path):
     assert "untreated" in result.output and "batch_norm" in result.output
     assert "* recommended:" in result.output
     assert "not tried (they need changes to your data or code): normalize_inputs" in result.output
+
+
+def test_an_internal_error_gets_its_own_exit_code_and_one_line(tmp_path, probe, monkeypatch):
+    import reludoctor.loading
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(reludoctor.loading, "load_probe_data", broken)
+    monkeypatch.delenv("RELUDOCTOR_DEBUG", raising=False)
+    result = runner.invoke(app, ["scan", str(tmp_path / "w.pt"), "--data", str(probe)])
+    assert result.exit_code == 3, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "internal error: RuntimeError: boom?second line" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_error_messages_are_one_line_however_long_the_path(tmp_path):
+    missing = tmp_path / ("x" * 150) / "report.json"
+    result = runner.invoke(app, ["report", str(missing)], terminal_width=40)
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and str(missing) in result.output

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import Abort, Exit, TyperException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -15,15 +19,49 @@ from reludoctor.errors import InputError
 from reludoctor.monitor import silenced_live_findings
 from reludoctor.report.console import print_study, print_summary, print_treatment
 from reludoctor.report.model import Report
+from reludoctor.text import markup_safe
+
+#: Exit codes of ``scan`` (and of every command for bad input or a failure of its own):
+#: 1 is kept for "a finding at error severity", so a CI gate can tell it from the rest.
+EXIT_HEALTHY, EXIT_FINDINGS, EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR = 0, 1, 2, 3
+#: Set to show the traceback of an internal error.
+DEBUG_VARIABLE = "RELUDOCTOR_DEBUG"
+
+
+def error_console() -> Console:
+    """Standard error, never hard-wrapped: a message is one line a user can grep, on any
+    terminal width."""
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+class _Commands(TyperGroup):
+    """Every command's unexpected exception becomes one line and exit code 3."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (Exit, Abort, TyperException):
+            raise
+        except InputError as error:  # bad input a command did not catch itself
+            raise _fail(str(error)) from None
+        except Exception as error:
+            if os.environ.get(DEBUG_VARIABLE):
+                traceback.print_exc()
+            error_console().print(
+                f"[bold red]internal error:[/] {markup_safe(type(error).__name__)}: "
+                f"{markup_safe(error)} (a bug in reludoctor, exit code {EXIT_INTERNAL_ERROR}; "
+                f"set {DEBUG_VARIABLE}=1 for the traceback)"
+            )
+            raise typer.Exit(EXIT_INTERNAL_ERROR) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="Find, explain and fix dead ReLU units.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-EXIT_HEALTHY, EXIT_FINDINGS, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _progress(console: Console, quiet: bool) -> Progress:
@@ -39,7 +77,8 @@ def _progress(console: Console, quiet: bool) -> Progress:
 
 
 def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print ``message`` as one line on standard error; the exit for bad input."""
+    error_console().print(f"[bold red]error:[/] {markup_safe(message)}")
     return typer.Exit(EXIT_BAD_INPUT)
 
 
