@@ -52,9 +52,11 @@ def train(rank: int, world_size: int, port: int, out: str, die_rank: int, ddp: b
     trained: nn.Module = nn.parallel.DistributedDataParallel(net) if ddp else net
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.0)  # the weights stay as planted
     out_dir = Path(out)
-    # rank 0 alone imports tensorboard (seconds) before its first window: a margin for that
+    # rank 0 alone imports tensorboard (seconds on a loaded machine) in rd.watch: the ranks
+    # start training together, and the timeout leaves a margin for the rest of the skew
     timeout = 10.0
     with rd.watch(trained, window=WINDOW, log_dir=out_dir / "tb", rank_timeout=timeout) as doc:
+        dist.barrier()
         for step in range(STEPS):
             if rank == die_rank and step == WINDOW + 2:
                 os._exit(0)  # dies mid-run, after the first window

@@ -32,6 +32,7 @@ DEFAULT_RANK_TIMEOUT = 300.0
 
 _SUM = [c.name for c in COUNTERS if c.reduce == "sum"]
 _MAX = [c.name for c in COUNTERS if c.reduce == "max"]
+_MIN = [c.name for c in COUNTERS if c.reduce == "min"]
 _instances = itertools.count()
 
 
@@ -129,6 +130,7 @@ class RankCombiner:
     def _reduce(self, snapshots: list[Snapshot]) -> list[Snapshot]:
         sums = _pack(snapshots, _SUM, HOST_COUNTERS)
         maxima = _pack(snapshots, _MAX, ())
+        minima = _pack(snapshots, _MIN, ())
         shape = torch.tensor([len(snapshots), sums.numel(), -len(snapshots), -sums.numel()])
         dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=self._group)
         if shape[0] != -shape[2] or shape[1] != -shape[3]:
@@ -138,7 +140,8 @@ class RankCombiner:
             )
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self._group)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self._group)
-        return _unpack(snapshots, sums, _SUM, HOST_COUNTERS, maxima, _MAX)
+        dist.all_reduce(minima, op=dist.ReduceOp.MIN, group=self._group)
+        return _unpack(snapshots, sums, _SUM, HOST_COUNTERS, (maxima, _MAX), (minima, _MIN))
 
 
 class _Mismatch(RuntimeError):
@@ -156,11 +159,11 @@ def _unpack(
     sums: torch.Tensor,
     sum_names: list[str],
     host: tuple[str, ...],
-    maxima: torch.Tensor,
-    max_names: list[str],
+    *extremes: tuple[torch.Tensor, list[str]],
 ) -> list[Snapshot]:
     out = [dict(s) for s in snapshots]
-    for values, names in ((sums.numpy(), sum_names), (maxima.numpy(), max_names)):
+    for reduced, names in ((sums, sum_names), *extremes):
+        values = reduced.numpy()
         offset = 0
         for snap in out:
             for name in names:

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Severity = Literal["error", "warning", "info"]
-Kind = Literal["symptom", "cause"]
+#: A symptom of the run, a cause of dead units, or what the monitor could not see (coverage).
+Kind = Literal["symptom", "cause", "coverage"]
 
 SEVERITY_ORDER: dict[str, int] = {"error": 0, "warning": 1, "info": 2}
 

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
@@ -19,7 +19,7 @@ from reludoctor.distributed import DEFAULT_RANK_TIMEOUT, RankCombiner, world
 from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
 from reludoctor.findings import Finding
 from reludoctor.live_revival import LiveRevival
-from reludoctor.probes import Probes
+from reludoctor.probes import Probes, model_name
 from reludoctor.report.model import LayerReport, Report, Window
 from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
 from reludoctor.tensorboard import TensorBoardLog
@@ -139,6 +139,8 @@ class Monitor:
             if self.tensorboard is not None:
                 self.tensorboard.close()
             raise
+        #: Parts of the model whose activations cannot be seen: (module name, reason).
+        self.unwatched: list[tuple[str, str]] = list(self.probes.unwatched)
 
     # -- the training loop's side ---------------------------------------------------------
     def step(
@@ -149,10 +151,19 @@ class Monitor:
         Cheap: no value is read back from the device except when a window closes.
         ``optimizer`` (once is enough) lets the diagnosis read its type and learning rates,
         as ``rd.watch(optimizer=...)`` does. Returns the window it closed, or None.
+
+        A ``loss`` that is not a scalar raises ``ValueError``; an error of reludoctor's own
+        never does: watching stops (with a warning) and the report says from which step.
         """
         if optimizer is not None:
             self.optimizer = optimizer
-        return self.tracker.step(loss)
+        if loss is not None:
+            self.tracker.record_loss(loss)
+        try:
+            return self.tracker.step()
+        except Exception as error:  # reludoctor's own: never the training loop's
+            self.tracker.fail(error, step=self.tracker.steps)
+            return None
 
     def _learning_rate(self) -> float | None:
         facts = read_optimizer_facts(self.optimizer) if self.optimizer is not None else None
@@ -234,9 +245,9 @@ class Monitor:
         the open one together, so even a run shorter than one window gets a report.
         """
         report = self._report()
-        if not report.layers:
+        if not report.layers and not self.unwatched:  # else the report says why
             warnings.warn(
-                f"reludoctor saw no ReLU-family activation in {type(self.model).__name__} "
+                f"reludoctor saw no ReLU-family activation in {model_name(self.model)} "
                 "(none ran in a counted forward); the report is empty",
                 RuntimeWarning,
                 stacklevel=2,
@@ -245,7 +256,7 @@ class Monitor:
 
     def _report(self) -> Report:
         """:meth:`report`, without the warning about an empty one."""
-        meta: dict[str, Any] = {"model": type(self.model).__name__, "torch": torch.__version__}
+        meta: dict[str, Any] = {"model": model_name(self.model), "torch": torch.__version__}
         if isinstance(self.model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             meta["model"] = type(self.model.module).__name__
             meta["wrapper"] = type(self.model).__name__
@@ -257,7 +268,7 @@ class Monitor:
 
     def _observations(self) -> Observations:
         """What the rules see now: layer summaries, every window, and the facts."""
-        return observe(self.tracker, self.facts)
+        return observe(self.tracker, self.facts, self.unwatched)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -293,10 +304,13 @@ class Monitor:
             self.close()
 
 
-def observe(tracker: Tracker, facts: ModelFacts) -> Observations:
+def observe(
+    tracker: Tracker, facts: ModelFacts, unwatched: Sequence[tuple[str, str]] = ()
+) -> Observations:
     """What the rules see now: the tracker's layer summaries (last closed window and the open
-    one), every window, and ``facts`` with each layer's bias in units of its pre-activation's
-    spread. Framework-neutral: the Keras callback uses it too."""
+    one), every window, ``facts`` with each layer's bias in units of its pre-activation's
+    spread, and what could not be watched (``unwatched`` modules, and the steps after an
+    error of the tracker's own). Framework-neutral: the Keras callback uses it too."""
     open_window, open_snapshots = tracker.open_window()
     windows = list(tracker.windows) + ([open_window] if open_window else [])
     layers = tracker.layer_reports(open_snapshots)
@@ -307,7 +321,16 @@ def observe(tracker: Tracker, facts: ModelFacts) -> Observations:
             if lay.producer and lay.start_preact_std and math.isfinite(lay.start_preact_std)
         }
     )
-    return Observations(layers, windows, facts)
+    blind_spots = [{"module": name, "reason": reason} for name, reason in unwatched]
+    if tracker.failure is not None:
+        blind_spots.append(
+            {
+                "module": "every layer",
+                "reason": f"watching stopped in step {tracker.failure_step} after an error of "
+                f"reludoctor's own ({tracker.failure}); the counts cover the steps before it",
+            }
+        )
+    return Observations(layers, windows, facts, blind_spots)
 
 
 def build_report(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 import threading
 import types
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,15 +163,34 @@ class Site:
     unit_dim: int
     weight: torch.nn.Parameter | None
     bias: torch.nn.Parameter | None = None
+    #: The activation runs on a reshaped view of its producer's output: the units are the
+    #: producer's (the tracker counts the viewed tensor).
+    follows_base: bool = False
 
 
 class Sink:
     """What probes report to: a tracker implements these methods.
 
-    ``sampling`` says whether outputs are wanted in the current step.
+    ``sampling`` says whether outputs are wanted in the current step. An exception raised by
+    reludoctor's own code while the user's forward or backward runs never reaches the user:
+    it is passed to :meth:`fail`, and from then on nothing is counted.
     """
 
     sampling: bool = False
+    #: Why watching stopped (an error of reludoctor's own), or None while it goes on.
+    failure: str | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """Stop counting after ``error`` (warned once); training goes on untouched."""
+        if self.failure is not None:
+            return
+        self.failure = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"reludoctor stopped watching after an error of its own ({self.failure}); "
+            "training goes on unwatched, and the report names what is missing",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def new_layer(self, site: Site, x: torch.Tensor) -> Any:
         """State for a newly seen call site, or None when it has nothing to measure."""
@@ -280,26 +300,34 @@ class _Patcher:
             if code in internal_codes:
                 return original(*args, **kwargs)
             probes = stack[-1]
-            if code in module_codes:  # an activation module calling its function
-                module = frame.f_locals.get("self")
-                base = id(module)
-                occurrences = probes.occurrences
-                n = occurrences.get(base, 0)
-                occurrences[base] = n + 1
-                layer = probes.layers.get((base, n))
-                if layer is None:
-                    layer = probes.new_module_layer(module, n, x)
-            elif module_only:
-                return original(*args, **kwargs)
-            else:
-                layer = probes.functional_layer(frame, kind, x)
-            if layer is _SKIP:
-                return original(*args, **kwargs)
             sink = probes.sink
-            sink.observe_input(layer, x)
+            if sink.failure is not None:
+                return original(*args, **kwargs)
+            try:
+                if code in module_codes:  # an activation module calling its function
+                    module = frame.f_locals.get("self")
+                    base = id(module)
+                    occurrences = probes.occurrences
+                    n = occurrences.get(base, 0)
+                    occurrences[base] = n + 1
+                    layer = probes.layers.get((base, n))
+                    if layer is None:
+                        layer = probes.new_module_layer(module, n, x)
+                elif module_only:
+                    return original(*args, **kwargs)
+                else:
+                    layer = probes.functional_layer(frame, kind, x)
+                if layer is not _SKIP:
+                    sink.observe_input(layer, x)
+            except Exception as error:  # reludoctor's own: never the user's forward's
+                sink.fail(error)
+                return original(*args, **kwargs)
             out = original(*args, **kwargs)
-            if sink.sampling:
-                sink.observe_output(layer, out)
+            if layer is not _SKIP and sink.sampling:
+                try:
+                    sink.observe_output(layer, out)
+                except Exception as error:
+                    sink.fail(error)
             return out
 
         wrapper.__wrapped__ = original  # type: ignore[attr-defined]
@@ -349,17 +377,28 @@ class _AtenMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         kind = ATEN_TARGETS.get(func)
-        if kind is None or not args or not isinstance(args[0], torch.Tensor):
+        sink = self.probes.sink
+        if (
+            kind is None
+            or not args
+            or not isinstance(args[0], torch.Tensor)
+            or sink.failure is not None
+        ):
             return func(*args, **kwargs)
         x = args[0]
-        layer = self.probes.aten_layer(kind, x)
-        if layer is _SKIP:
+        try:
+            layer = self.probes.aten_layer(kind, x)
+            if layer is not _SKIP:
+                sink.observe_input(layer, x)
+        except Exception as error:  # reludoctor's own: never the user's forward's
+            sink.fail(error)
             return func(*args, **kwargs)
-        sink = self.probes.sink
-        sink.observe_input(layer, x)
         out = func(*args, **kwargs)
-        if sink.sampling:
-            sink.observe_output(layer, out)
+        if layer is not _SKIP and sink.sampling:
+            try:
+                sink.observe_output(layer, out)
+            except Exception as error:
+                sink.fail(error)
         return out
 
 
@@ -383,7 +422,8 @@ class Probes:
         self.sink = sink
         self.count_eval = count_eval
         self.module_names = {id(m): n for n, m in model.named_modules()}
-        self.root_name = type(model).__name__
+        self.root_name = model_name(model)
+        self.patcher = patcher = _patcher()
         self.layers: dict[Any, Any] = {}
         self.depth = 0
         self.counting = False
@@ -397,7 +437,20 @@ class Probes:
         self.residual_adds: int | None = None
         self._names: set[str] = set()
         self._aten_mode: _AtenMode | None = None
+        self._holds_functional = False
+        #: Modules whose activations cannot be seen, and why: (qualified name, reason).
+        self.unwatched: list[tuple[str, str]] = _scripted_activations(model)
         self._aten_nodes: list[Any] | None = None
+        self._installed = False
+        if isinstance(model, torch.jit.ScriptModule):
+            warnings.warn(
+                f"reludoctor cannot watch {self.root_name}: it is a TorchScript module, whose "
+                "activations run outside Python; watch the module before torch.jit.script. "
+                "It runs unwatched and its report says so",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
         if isinstance(model, torch.fx.GraphModule):
             self._aten_nodes = [
                 n for n in model.graph.nodes if n.op == "call_function" and n.target in ATEN_TARGETS
@@ -413,16 +466,23 @@ class Probes:
             probes.enter()
             try:
                 outermost = probes.counting and probes.depth == 1
-                if outermost and sink.wants_model_input():
-                    sink.observe_model_input(args[0] if args else next(iter(kwargs.values()), None))
+                if outermost:
+                    try:
+                        if sink.wants_model_input():
+                            first = args[0] if args else next(iter(kwargs.values()), None)
+                            sink.observe_model_input(first)
+                    except Exception as error:  # reludoctor's own: never the user's
+                        sink.fail(error)
                 out = inner(*args, **kwargs)
-                if outermost and sink.sampling:
-                    sink.observe_model_output(out)
+                if outermost and sink.sampling and sink.failure is None:
+                    try:
+                        sink.observe_model_output(out)
+                    except Exception as error:
+                        sink.fail(error)
                 return out
             finally:
                 probes.leave()
 
-        self.patcher = patcher = _patcher()
         with patcher.lock:
             patcher.tensor.acquire()
         model.forward = types.MethodType(watched_forward, model)  # type: ignore[method-assign]
@@ -434,8 +494,8 @@ class Probes:
         """Remove every wrapper and mode this object installed. Safe to call twice."""
         self._end_discovery()
         if self.counting:
-            self.depth = 1
-            self.leave()
+            self.depth = 0
+            self._stop_counting()
         if not self._installed:
             return
         self._installed = False
@@ -450,44 +510,63 @@ class Probes:
 
     # -- the watched forward --------------------------------------------------------------
     def enter(self) -> None:
+        """The watched forward starts: count it when it is the outermost one in a counted
+        mode. Whatever fails here is undone and ends watching; the forward still runs."""
         self.depth += 1
-        if self.depth > 1 or not (self.model.training or self.count_eval):
+        if (
+            self.depth > 1
+            or not (self.model.training or self.count_eval)
+            or self.sink.failure is not None
+        ):
             return
         self.counting = True
         self.occurrences.clear()
-        if self.discovering:
-            self._start_discovery()
         patcher = self.patcher
-        with patcher.lock:
-            patcher.functional.acquire()
-        patcher.stack().append(self)
-        if self._aten_nodes:
-            self._aten_mode = _AtenMode(self)
-            self._aten_mode.__enter__()
+        try:
+            if self.discovering:
+                self._start_discovery()
+            with patcher.lock:
+                patcher.functional.acquire()
+            self._holds_functional = True
+            patcher.stack().append(self)
+            if self._aten_nodes:
+                self._aten_mode = _AtenMode(self)
+                self._aten_mode.__enter__()
+        except Exception as error:
+            self._stop_counting()
+            self.sink.fail(error)
 
     def leave(self) -> None:
+        """The watched forward ends (also by an exception): undo what :meth:`enter` did."""
         self.depth -= 1
         if self.depth > 0 or not self.counting:
             self.depth = max(self.depth, 0)
             return
+        self._stop_counting()
+
+    def _stop_counting(self) -> None:
+        """Release exactly what counting holds: every global patch stays balanced."""
         self.counting = False
         if self._aten_mode is not None:
             mode, self._aten_mode = self._aten_mode, None
             mode.__exit__(None, None, None)
         patcher = self.patcher
         stack = patcher.stack()
-        if stack and stack[-1] is self:
-            stack.pop()
-        with patcher.lock:
-            patcher.functional.release()
-        if self._discovery_handles:
+        if self in stack:
+            stack.remove(self)
+        if self._holds_functional:
+            self._holds_functional = False
+            with patcher.lock:
+                patcher.functional.release()
+        if self.discovering:
             self._end_discovery()
             self.discovering = False
 
     # -- discovery: which module produced each activation's input -------------------------
     def _start_discovery(self) -> None:
         for module in self.model.modules():
-            if module is not self.model:
+            # TorchScript modules take no Python hooks (they are listed in ``unwatched``)
+            if module is not self.model and not isinstance(module, torch.jit.ScriptModule):
                 handle = module.register_forward_hook(self._record_producer)
                 self._discovery_handles.append(handle)
         if self._aten_nodes is None and not self._counting_adds:
@@ -593,6 +672,12 @@ class Probes:
 
     def _site(self, owner: str, kind: str, via: str, source: str | None, x: torch.Tensor) -> Site:
         producer = self._producer_of(x)
+        follows_base = False
+        if producer is None:
+            base = whole_base(x)
+            producer = self._producer_of(base) if base is not None else None
+            if producer is not None:
+                x, follows_base = base, True
         producer_name = self.module_names.get(id(producer)) if producer is not None else None
         name = f"{producer_name or owner}:{kind}" if via == "functional" else owner
         unique, n = name, 1
@@ -609,6 +694,7 @@ class Probes:
             unit_dim=_unit_dim(x, producer),
             weight=self._weight_upstream(producer),
             bias=_direct_bias(producer),
+            follows_base=follows_base,
         )
 
     def _weight_upstream(self, producer: nn.Module | None) -> nn.Parameter | None:
@@ -626,6 +712,57 @@ class Probes:
             producer = self._input_producer.get(id(producer))
             hops += 1
         return None
+
+
+def whole_base(x: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``x`` is a reshaped view of, element for element (same values in the same
+    order), or None: an activation applied to ``h.view(...)`` acts on ``h``'s units."""
+    base = x._base
+    if (
+        base is None
+        or base.numel() != x.numel()
+        or base.storage_offset() != x.storage_offset()
+        or not x.is_contiguous()
+        or not base.is_contiguous()
+    ):
+        return None
+    return base
+
+
+def model_name(model: nn.Module) -> str:
+    """The class name a user knows ``model`` by (a TorchScript module's original class)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return str(getattr(model, "original_name", None) or type(model).__name__)
+    return type(model).__name__
+
+
+#: Names of the ATen operators of rectifier-family activations ("aten::relu" ...).
+_ATEN_NAMES = frozenset(op.name() for op in ATEN_TARGETS)
+
+
+def _scripted_activations(model: nn.Module) -> list[tuple[str, str]]:
+    """The outermost TorchScript modules in ``model`` that run a rectifier-family activation
+    (which no Python-level probe can see), with why; a module whose graph cannot be read is
+    listed too."""
+    found: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.jit.ScriptModule):
+            continue
+        if any(name == outer or name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        try:
+            ops = {node.kind() for node in module.inlined_graph.nodes()}
+        except Exception:
+            ops = set(_ATEN_NAMES)
+        if ops & _ATEN_NAMES:
+            found.append(
+                (
+                    name or model_name(model),
+                    "a TorchScript module: its activations run outside Python, where "
+                    "reludoctor cannot see them; watch the module before torch.jit.script",
+                )
+            )
+    return found
 
 
 def _direct_bias(producer: nn.Module | None) -> nn.Parameter | None:

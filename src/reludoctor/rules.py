@@ -88,6 +88,8 @@ class Observations:
     layers: list[LayerReport]
     windows: list[Window]
     facts: ModelFacts = field(default_factory=ModelFacts)
+    #: What the monitor could not see: ``{"module": name, "reason": why}`` each.
+    blind_spots: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ SYMPTOM_REMEDIES: dict[str, tuple[str, ...]] = {
     "identical_outputs": ("kaiming_init", "lower_learning_rate", "leaky_relu"),
     "vanishing_gradients": ("batch_norm", "skip_connections", "kaiming_init"),
     "exploding_gradients": ("lower_learning_rate", "batch_norm", "kaiming_init"),
+    "nonfinite_values": ("lower_learning_rate", "normalize_inputs", "batch_norm"),
 }
 
 
@@ -171,6 +174,46 @@ def dead_units(obs: Observations, t: Thresholds) -> Result:
             message += f"; at {t.dead_error_fraction:.0%} or more, training suffers"
         findings.append(_symptom("dead_units", severity, layer.name, message, evidence))
     return findings
+
+
+def nonfinite_values(obs: Observations, t: Thresholds) -> Result:
+    """One finding per layer whose pre-activations held NaN or +inf: those values count
+    neither as firing nor as silence, so the layer's counts cover its finite values only."""
+    findings: Result = []
+    for layer in obs.layers:
+        if not layer.nonfinite_units:
+            continue
+        first = layer.nonfinite_first_step
+        message = (
+            f"{layer.nonfinite_units} of {layer.units} units in {layer.name} had NaN or "
+            "infinite pre-activations"
+            + (f", first in step {first}" if first is not None else "")
+            + "; reludoctor judged them on their finite values only (a unit with none is "
+            "not called dead). Look for NaN or infinity in the inputs, or for a learning "
+            "rate that makes the weights blow up"
+        )
+        evidence = {
+            "nonfinite_units": layer.nonfinite_units,
+            "units": layer.units,
+            "first_step": first,
+            "samples": layer.samples,
+        }
+        findings.append(_symptom("nonfinite_values", "error", layer.name, message, evidence))
+    return findings
+
+
+def unwatched_activations(obs: Observations, t: Thresholds) -> Result:
+    """What the monitor could not see: the report cannot vouch for it, so it is not healthy."""
+    if not obs.blind_spots:
+        return []
+    names = [spot["module"] for spot in obs.blind_spots]
+    reasons = "; ".join(f"{spot['module']}: {spot['reason']}" for spot in obs.blind_spots)
+    message = (
+        f"reludoctor could not watch {len(names)} part(s) of the model, so this report "
+        f"cannot say they are healthy - {reasons}"
+    )
+    evidence = {"unwatched": list(obs.blind_spots)}
+    return [Finding("coverage", "unwatched_activations", "error", None, message, evidence)]
 
 
 def dying_units(obs: Observations, t: Thresholds) -> Result:
@@ -631,6 +674,8 @@ def deep_without_normalization(obs: Observations, t: Thresholds) -> Result:
 
 
 RULES: tuple[Rule, ...] = (
+    unwatched_activations,
+    nonfinite_values,
     dead_units,
     dying_units,
     loss_plateau,

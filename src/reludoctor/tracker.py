@@ -2,8 +2,15 @@
 
 The per-step path does one fused reduction per layer (a running per-unit maximum of the
 pre-activation: a unit is alive iff its maximum is > 0). The costlier statistics - firing
-counts, |output| sums for the dormancy score, gradient statistics, non-finite counts - are
-taken only on sampled steps. Nothing in the per-step path reads a value back to the host.
+counts, |output| sums for the dormancy score, gradient statistics - are taken only on sampled
+steps. Nothing in the per-step path reads a value back from an accelerator.
+
+Non-finite pre-activations (NaN, +inf) never count as firing and never hide other values: a
+unit's maximum is taken over its finite values only, and each unit counts the calls in which
+it saw a NaN or +inf, with the first step that did. On the CPU a call is checked with one sum of
+its per-unit maxima and only a call that holds such values is reduced again; on an accelerator
+(where a check would wait for the device) every call takes its maximum over a copy with those
+values replaced by -inf, besides the plain one that finds them.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import numpy as np
 import torch
 
 from reludoctor.facts import InputStats
-from reludoctor.probes import Sink, Site
+from reludoctor.probes import Sink, Site, whole_base
 from reludoctor.report.model import LayerReport, Window, WindowLayer
 
 #: ReDo (Sokar et al. 2023) calls a unit dormant when its mean |activation| divided by its
@@ -56,7 +63,7 @@ class Counter:
     per_unit: bool
     dtype: torch.dtype
     initial: float
-    reduce: str  # "max" or "sum": how windows (and, later, processes) combine
+    reduce: str  # "max", "min" or "sum": how windows (and processes) combine
 
 
 COUNTERS: tuple[Counter, ...] = (
@@ -68,6 +75,9 @@ COUNTERS: tuple[Counter, ...] = (
     Counter("grad_row_sq", True, torch.float32, 0.0, "sum"),  # sum of squared row norms
     Counter("grad_sq", False, torch.float32, 0.0, "sum"),  # for weights without unit rows
     Counter("update_ratio", False, torch.float32, 0.0, "max"),  # |W' - W| / |W| per step
+    # calls in which the unit saw a NaN or +inf pre-activation, and the first step with one
+    Counter("nonfinite", True, torch.float32, 0.0, "sum"),
+    Counter("nonfinite_first", False, torch.float32, math.inf, "min"),
 )
 #: Host-side integers: shapes are known on the host, so counting them needs no sync.
 HOST_COUNTERS = (
@@ -108,11 +118,13 @@ class Slab:
         """An uninitialised CPU tensor of ``shape`` that lives as long as it is referenced."""
         numel = math.prod(shape)
         if numel * dtype.itemsize > SLAB_BYTES // 4:
-            return torch.empty(shape, dtype=dtype)
+            with torch.inference_mode(False):  # an inference tensor could not be updated later
+                return torch.empty(shape, dtype=dtype)
         with self._lock:
             block, used = self._blocks.get(dtype, (None, 0))
             if block is None or used + numel > block.numel():
-                block, used = torch.empty(SLAB_BYTES // dtype.itemsize, dtype=dtype), 0
+                with torch.inference_mode(False):
+                    block, used = torch.empty(SLAB_BYTES // dtype.itemsize, dtype=dtype), 0
             line = max(1, 64 // dtype.itemsize)  # each tensor starts a cache line of its own
             self._blocks[dtype] = (block, used + -(-numel // line) * line)
         return block[used : used + numel].view(shape)
@@ -139,6 +151,8 @@ class LayerState:
         else:
             self.layout = "other"
         self.pending: list[torch.Tensor] = []
+        #: The shape of the view this layer's activation was last applied to, and its base's.
+        self._viewed: tuple[torch.Size, torch.Size] | None = None
         #: Pre-activation values of the open window's last sampled step (a view of a buffer
         #: made once), and the positions they are gathered from, for the latest input shape.
         self.values: torch.Tensor | None = None
@@ -161,10 +175,13 @@ class LayerState:
         self.start_values = slab.empty(tuple(start.shape)).copy_(start).numpy()
 
     def to(self, device: torch.device) -> None:
-        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        with torch.inference_mode(False):  # counters must stay updatable outside it
+            self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
         self.device = device
         #: On the CPU, each call's per-unit reductions are written here (no allocation).
         self.scratch = self.slab.empty((self.units,)) if device.type == "cpu" else None
+        #: The scratch seen from numpy: summing it there is the cheapest finiteness check.
+        self.scratch_numpy = self.scratch.numpy() if self.scratch is not None else None
         self.values = self._values_buffer = self._index_buffer = self._value_index = None
         self._indexed = None
         # On the CPU each call's maxima are folded at once: small tensors kept across calls,
@@ -182,6 +199,8 @@ class LayerState:
         self.grad_row_sq = self.tensors["grad_row_sq"]
         self.grad_sq = self.tensors["grad_sq"]
         self.update_ratio = self.tensors["update_ratio"]
+        self.nonfinite = self.tensors["nonfinite"]
+        self.nonfinite_first = self.tensors["nonfinite_first"]
 
     def reset_host(self) -> None:
         self.positions = 0
@@ -190,13 +209,28 @@ class LayerState:
         self.grad_row_samples = 0
         self.update_samples = 0
 
-    def fits(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` has this layer's shape (moving the counters to its device)."""
-        if x.dim() == self.rank and (not self.rank or x.shape[self.unit_dim] == self.units):
-            if x.device != self.device:
-                self.fold()
-                self.to(x.device)
-            return True
+    def matching(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` shaped as this layer's values (moving the counters to its device): ``x``
+        itself, or the tensor it reshapes (an in-place activation applied to a view of the
+        producing layer's output: the units are that layer's), or None when neither fits."""
+        if not self._shaped_like(x):
+            whole = whole_base(x)
+            if whole is None and self.site.follows_base and x.is_contiguous():
+                viewed = self._viewed  # the output of an activation applied to a view
+                whole = x.view(viewed[1]) if viewed and viewed[0] == x.shape else None
+            if whole is None or not self._shaped_like(whole):
+                return self._mismatch(x)
+            self._viewed = (x.shape, whole.shape)
+            x = whole
+        if x.device != self.device:
+            self.fold()
+            self.to(x.device)
+        return x
+
+    def _shaped_like(self, x: torch.Tensor) -> bool:
+        return x.dim() == self.rank and (not self.rank or x.shape[self.unit_dim] == self.units)
+
+    def _mismatch(self, x: torch.Tensor) -> None:
         if not self.warned_shape:
             self.warned_shape = True
             warnings.warn(
@@ -204,9 +238,9 @@ class LayerState:
                 f"(rank {self.rank}) and now with shape {tuple(x.shape)}; calls of the new shape "
                 "are not counted",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-        return False
+        return None
 
     def fold(self) -> None:
         if self.pending:
@@ -257,7 +291,8 @@ class LayerState:
         size = count if buffer is None else max(count, HISTOGRAM_VALUES)
         if self.device.type == "cpu":
             return self.slab.empty((size,), dtype)
-        return torch.empty(size, dtype=dtype, device=self.device)
+        with torch.inference_mode(False):
+            return torch.empty(size, dtype=dtype, device=self.device)
 
     def reset(self) -> None:
         for counter in COUNTERS:
@@ -338,6 +373,19 @@ def _per_unit_max(
     return _per_unit(layer, x, torch.amax, out if x.dtype == torch.float32 else None)
 
 
+def _norm32(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The 2-norm as float32: accumulated in float32 for narrower types, in the tensor's own
+    type for wider ones (float64 cannot be narrowed on the way in)."""
+    if x.dtype.itemsize > 4:
+        return torch.linalg.vector_norm(x, dim=dim).float()
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float32)
+
+
+def _finite_or_neginf(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN and +inf replaced by -inf: its maximum is that of the finite values."""
+    return torch.nan_to_num(x, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+
+
 def _per_unit_sum(layer: LayerState, x: torch.Tensor) -> torch.Tensor:
     return _per_unit(layer, x, _sum32, layer.scratch)
 
@@ -352,8 +400,7 @@ def merge(a: Snapshot | None, b: Snapshot | None) -> Snapshot | None:
         return a if b is None else b
     out: Snapshot = {}
     for counter in COUNTERS:
-        # np.maximum, not fmax: a NaN seen in either snapshot must survive the merge.
-        op = np.maximum if counter.reduce == "max" else np.add
+        op = {"max": np.maximum, "min": np.minimum, "sum": np.add}[counter.reduce]
         out[counter.name] = op(a[counter.name], b[counter.name])
     for name in HOST_COUNTERS:
         out[name] = a[name] + b[name]
@@ -397,14 +444,25 @@ class Tracker(Sink):
         #: Combines a window's snapshots with other processes' (``torch.distributed``:
         #: :class:`reludoctor.distributed.RankCombiner`); called with the snapshots and step.
         self.combine: Callable[[list[Snapshot], int], list[Snapshot]] | None = None
+        #: The step in which watching stopped after an error of its own (see ``fail``).
+        self.failure_step: int | None = None
         self._settled: tuple[int, list[Snapshot]] | None = None
         self._reset_loss()
 
     # -- Sink -----------------------------------------------------------------------------
+    def fail(self, error: BaseException, step: int | None = None) -> None:
+        """:meth:`Sink.fail`, keeping the step it happened in (default: the running one)."""
+        if self.failure is None:
+            self.failure_step = self.steps + 1 if step is None else step
+        super().fail(error)
+
     def new_layer(self, site: Site, x: torch.Tensor) -> LayerState | None:
+        if site.follows_base:
+            x = whole_base(x) if whole_base(x) is not None else x
         if not x.is_floating_point() or (x.dim() and x.shape[site.unit_dim] == 0):
             return None
-        layer = LayerState(site, x, self._slab)
+        with torch.inference_mode(False):  # counters made in an inference-mode forward
+            layer = LayerState(site, x, self._slab)
         self.layers.append(layer)
         if self.sampling:
             self._arm(layer)
@@ -415,21 +473,26 @@ class Tracker(Sink):
             x.dim() != layer.rank
             or x.device != layer.device
             or (layer.rank and x.shape[layer.unit_dim] != layer.units)
-        ) and not layer.fits(x):
-            return
+        ):
+            x = layer.matching(x)
+            if x is None:
+                return
         n = x.numel() // layer.units
         if n == 0:
             return
-        # The one reduction of every step: the per-unit maximum, kept until the next fold
-        # (on the CPU folded at once, from the scratch it was written to).
+        # The one reduction of every step: the per-unit maximum over finite values, kept until
+        # the next fold (on the CPU folded at once, from the scratch it was written to).
         if x.requires_grad:
             x = x.detach()
         if layer.pending_limit == 1:
             latest = _per_unit_max(layer, x, layer.scratch)
+            total = layer.scratch_numpy.sum() if latest is layer.scratch else latest.float().sum()
+            if not math.isfinite(total):  # a NaN or +inf (or a unit all -inf, or overflow)
+                latest = self._nonfinite_call(layer, x, latest)
             torch.maximum(layer.max_pre, latest, out=layer.max_pre)
         else:
             pending = layer.pending
-            pending.append(_per_unit_max(layer, x))
+            pending.append(self._finite_maximum(layer, x))
             if len(pending) >= layer.pending_limit:
                 layer.fold()
         layer.positions += n
@@ -437,23 +500,55 @@ class Tracker(Sink):
             return
         layer.keep_values(x)
         if layer.site.kind not in NON_NEGATIVE:
-            # sign(max(x, 0)) is 1 where x > 0: cheaper than summing a boolean mask.
+            # sign(max(x, 0)) is 1 where x > 0: cheaper than summing a boolean mask; a NaN or
+            # +inf is not a firing.
             head = _leading_samples(layer, x)
-            positive = torch.clamp_min(head, 0, out=self._buffer(head)).sign_()
+            positive = torch.clamp_min(head, 0, out=self._buffer(head))
+            positive = torch.nan_to_num_(positive, nan=0.0, posinf=0.0).sign_()
             layer.fire_count += _per_unit_sum(layer, positive)
 
+    def _nonfinite_call(
+        self, layer: LayerState, x: torch.Tensor, maxima: torch.Tensor
+    ) -> torch.Tensor:
+        """A CPU call whose per-unit ``maxima`` are not all finite: count the units that saw
+        a NaN or +inf and return the maxima of their finite values."""
+        bad = torch.isnan(maxima) | torch.isposinf(maxima)
+        if bool(bad.any()):
+            layer.nonfinite += bad
+            if float(layer.nonfinite_first) == math.inf:
+                layer.nonfinite_first.fill_(self.steps + 1)
+            return _per_unit_max(layer, _finite_or_neginf(x))
+        return maxima
+
+    def _finite_maximum(self, layer: LayerState, x: torch.Tensor) -> torch.Tensor:
+        """Per-unit maximum of ``x``'s finite values, counting the units that saw a NaN or
+        +inf, without waiting for the device."""
+        maxima = _per_unit_max(layer, x)
+        bad = torch.isnan(maxima) | torch.isposinf(maxima)
+        layer.nonfinite += bad
+        step = float(self.steps + 1)
+        first = layer.nonfinite_first
+        torch.minimum(first, torch.where(bad.any(), step, math.inf), out=first)
+        return _per_unit_max(layer, _finite_or_neginf(x))
+
     def observe_output(self, layer: LayerState, out: torch.Tensor) -> None:
-        if not layer.fits(out) or out.numel() == 0:
+        if out.numel() == 0:
             return
-        head = _leading_samples(layer, out.detach() if out.requires_grad else out)
+        matched = layer.matching(out)
+        if matched is None:
+            return
+        head = _leading_samples(layer, matched.detach() if matched.requires_grad else matched)
         layer.sampled_positions += head.numel() // layer.units
+        # A NaN or +inf output adds nothing: neither magnitude nor a firing.
         if layer.site.kind in NON_NEGATIVE:
             # The output is never negative: it is its own magnitude, and > 0 where x > 0.
-            layer.abs_sum += _per_unit_sum(layer, head)
-            layer.fire_count += _per_unit_sum(layer, torch.sign(head, out=self._buffer(head)))
+            finite = torch.nan_to_num(head, nan=0.0, posinf=0.0, out=self._buffer(head))
+            layer.abs_sum += _per_unit_sum(layer, finite)
+            layer.fire_count += _per_unit_sum(layer, finite.sign_())
         else:
-            # A non-finite output makes its unit's sum non-finite: that is how they are counted.
-            layer.abs_sum += _per_unit_sum(layer, torch.abs(head, out=self._buffer(head)))
+            magnitude = torch.abs(head, out=self._buffer(head))
+            magnitude = torch.nan_to_num_(magnitude, nan=0.0, posinf=0.0)
+            layer.abs_sum += _per_unit_sum(layer, magnitude)
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor | None:
         """An uninitialised tensor shaped like ``like``, for an elementwise result that is
@@ -478,7 +573,8 @@ class Tracker(Sink):
     def observe_model_input(self, x: Any) -> None:
         self.inputs.add(x)
         if self.example_input is None and isinstance(x, torch.Tensor) and x.dim() >= 1:
-            self.example_input = x[:EXAMPLE_ROWS].detach().clone()
+            with torch.inference_mode(False):
+                self.example_input = x[:EXAMPLE_ROWS].detach().clone()
 
     def observe_model_output(self, out: Any) -> None:
         """Spread of the outputs across the batch, relative to their size (identical: ~0)."""
@@ -496,7 +592,8 @@ class Tracker(Sink):
             std = (o - o.mean(0)).square_().mean(0).sqrt_()
             spread = std.mean() / (o.square().mean().sqrt() + 1e-12)
             if self._output_spread is None or self._output_spread.device != spread.device:
-                self._output_spread = torch.zeros((), device=spread.device)
+                with torch.inference_mode(False):
+                    self._output_spread = torch.zeros((), device=spread.device)
                 self._output_samples = 0
             self._output_spread += spread
         self._output_samples += 1
@@ -516,12 +613,21 @@ class Tracker(Sink):
     def _grad_hook(self, layer: LayerState) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
-            if grad is None or grad.is_sparse or grad.device != layer.device:
+            if (
+                grad is None
+                or grad.is_sparse
+                or grad.device != layer.device
+                or self.failure is not None
+            ):
                 return
-            if layer.saved_rows is None:  # the optimizer has not stepped yet: keep W's rows
-                layer.saved_rows = param.detach()[:UPDATE_ROWS].clone()
-                self._saved.append(layer)
-            self.observe_weight_gradient(layer, grad.detach())
+            try:
+                if layer.saved_rows is None:  # the optimizer has not stepped yet: keep W's rows
+                    with torch.inference_mode(False):
+                        layer.saved_rows = param.detach()[:UPDATE_ROWS].clone()
+                    self._saved.append(layer)
+                self.observe_weight_gradient(layer, grad.detach())
+            except Exception as error:  # reludoctor's own: never the user's backward's
+                self.fail(error)
 
         return hook
 
@@ -536,12 +642,12 @@ class Tracker(Sink):
         layer.grad_samples += 1
         if grad.dim() >= 2 and grad.shape[0] == layer.units:
             # One pass over the gradient: per-unit row norms give both statistics.
-            rows = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float32)
+            rows = _norm32(grad.flatten(1), dim=1)
             layer.grad_row_sq.addcmul_(rows, rows)
             torch.maximum(layer.grad_row_max, rows, out=layer.grad_row_max)
             layer.grad_row_samples += 1
         else:
-            layer.grad_sq += torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            layer.grad_sq += _norm32(grad).square()
 
     # -- steps and windows ----------------------------------------------------------------
     def _reset_loss(self) -> None:
@@ -565,11 +671,15 @@ class Tracker(Sink):
             self.record_loss(loss)
         self.steps = steps = self.steps + 1
         if self._saved:
-            self._measure_updates()
+            try:
+                self._measure_updates()
+            except Exception as error:  # reludoctor's own: never the training loop's
+                self._saved.clear()
+                self.fail(error)
         if self._armed:
             self.disarm()
         self.sampling = sampling = steps % self.sample_every == 0
-        if sampling:
+        if sampling and self.failure is None:
             for layer in self.layers:
                 self._arm(layer)
         if steps - self.window_start >= self.window:
@@ -585,9 +695,7 @@ class Tracker(Sink):
                 continue
             with torch.no_grad():
                 after = weight.detach()[:UPDATE_ROWS]
-                ratio = torch.linalg.vector_norm(after - before, dtype=torch.float32) / (
-                    torch.linalg.vector_norm(before, dtype=torch.float32) + 1e-12
-                )
+                ratio = _norm32(after - before) / (_norm32(before) + 1e-12)
                 torch.maximum(layer.update_ratio, ratio, out=layer.update_ratio)
             layer.update_samples += 1
         self._saved.clear()
@@ -722,6 +830,7 @@ class Tracker(Sink):
                     if zero_grad is None
                     else np.flatnonzero(zero_grad).tolist(),
                     nonfinite_units=int(stats["nonfinite"].sum()),
+                    nonfinite_first_step=_step(snap["nonfinite_first"]),
                     update_ratio=stats["update_ratio"],
                     start_dead_fraction=layer.start["dead_fraction"],
                     start_preact_mean=_finite(layer.start["preact_mean"]),
@@ -737,7 +846,8 @@ def _unit_stats(snap: Snapshot, dormancy_threshold: float) -> dict[str, Any]:
     """Per-unit arrays derived from one snapshot."""
     max_pre = snap["max_pre"]
     seen = snap["positions"] > 0
-    dead = (max_pre <= 0) if seen else np.zeros(max_pre.shape, dtype=bool)
+    # A unit with no finite value (its maximum is -inf) is not known to be dead.
+    dead = (max_pre <= 0) & np.isfinite(max_pre) if seen else np.zeros(max_pre.shape, bool)
     sampled = snap["sampled_positions"]
     fire_rate = dormancy = dormant = None
     if sampled:
@@ -757,10 +867,7 @@ def _unit_stats(snap: Snapshot, dormancy_threshold: float) -> dict[str, Any]:
         grad_norm = _finite(math.sqrt(max(total_sq, 0.0) / snap["grad_samples"]))
         if snap["grad_row_samples"]:
             zero_grad = snap["grad_row_max"] == 0
-    nonfinite = ~np.isfinite(max_pre) & seen
-    nonfinite &= ~np.isneginf(max_pre)
-    if sampled:
-        nonfinite |= ~np.isfinite(snap["abs_sum"])
+    nonfinite = snap["nonfinite"] > 0
     return {
         "nonfinite": nonfinite,
         "dead": dead,
@@ -835,6 +942,12 @@ def _bias_held(site: Site, max_pre: np.ndarray, dead: np.ndarray) -> list[int] |
     with np.errstate(invalid="ignore"):  # NaN maxima are not held by anything
         held = dead & (b < -1.0 / math.sqrt(max(fan_in, 1))) & (max_pre - b > 0)
     return np.flatnonzero(held).tolist()
+
+
+def _step(value: Any) -> int | None:
+    """A step kept in a float counter (inf: none)."""
+    value = float(value)
+    return int(value) if math.isfinite(value) else None
 
 
 def _finite(value: float | None) -> float | None:

@@ -50,6 +50,8 @@ class LayerReport:
     grad_norm: float | None = None
     zero_grad_units: list[int] | None = None
     nonfinite_units: int = 0
+    #: The first step in which a unit of this layer saw a NaN or +inf pre-activation.
+    nonfinite_first_step: int | None = None
     update_ratio: float | None = None
     start_dead_fraction: float | None = None
     start_preact_mean: float | None = None
