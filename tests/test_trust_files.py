@@ -113,37 +113,57 @@ def test_pt2_with_pickled_sample_inputs_runs_nothing_without_trust(tmp_path, exp
     assert marker.exists()
 
 
-@pytest.mark.parametrize(
-    ("original", "injected"),
-    [
-        # a symbolic shape, which torch.export.load evaluates with sympy.sympify
-        (
-            "Symbol('s",
-            "__import__('pathlib').Path('MARKER').touch() or Symbol('s",
-        ),
-        # a guard, which .module() compiles into the module's code
-        (
-            '"guards_code": []',
-            "\"guards_code\": [\"__import__('pathlib').Path('MARKER').touch()\"]",
-        ),
-    ],
-    ids=["symbolic_shape", "guard"],
-)
+TOUCH = "__import__('pathlib').Path('MARKER').touch()"
+
+
+def in_symbolic_shape(program: dict) -> None:
+    """torch.export.load evaluates symbolic shapes with sympy.sympify."""
+    size = program["graph_module"]["graph"]["tensor_values"]["input"]["sizes"][0]
+    size["as_expr"]["expr_str"] = f"{TOUCH} or {size['as_expr']['expr_str']}"
+
+
+def in_guard(program: dict) -> None:
+    """.module() compiles guards into the module's code."""
+    program["guards_code"] = [TOUCH]
+
+
+def in_tensor_named_metadata(program: dict) -> None:
+    """Free text is let be in node metadata only, not under any key named so."""
+
+    def rename(value: object) -> None:
+        if isinstance(value, dict):
+            if value.get("as_tensor") == {"name": "input"}:
+                value["as_tensor"] = {"name": "metadata"}
+            for item in value.values():
+                rename(item)
+        elif isinstance(value, list):
+            for item in value:
+                rename(item)
+
+    rename(program)
+    values = program["graph_module"]["graph"]["tensor_values"]
+    values["metadata"] = values.pop("input")
+    in_symbolic_shape({"graph_module": {"graph": {"tensor_values": {"input": values["metadata"]}}}})
+
+
+@pytest.mark.parametrize("inject", [in_symbolic_shape, in_guard, in_tensor_named_metadata])
 def test_pt2_with_python_in_its_program_runs_nothing_without_trust(
-    tmp_path, exported, probe, original, injected
+    tmp_path, exported, probe, inject
 ):
     marker = tmp_path / "pwned"
-    code = injected.replace("MARKER", marker.as_posix())
 
     def change(name: str, data: bytes) -> bytes:
         if name != "models/model.json":
             return data
-        assert original in data.decode()
-        return data.decode().replace(original, code).encode()
+        program = json.loads(data)
+        inject(program)
+        return json.dumps(program).replace("MARKER", marker.as_posix()).encode()
 
     evil = rewritten(exported, tmp_path / "evil.pt2", change)
     assert_bad_input(scan(evil, "--data", probe), "Python code in models/model.json", "--trust")
     assert not marker.exists()
+    scan(evil, "--data", probe, "--trust")
+    assert marker.exists()  # the check above guarded a real way in
 
 
 def test_ordinary_exported_programs_load_without_trust(tmp_path, exported, probe):

@@ -429,7 +429,7 @@ def _pickled_payloads(config: bytes, name: str, directory: str, tensor_prefix: s
 
 #: A plain name: a Python identifier, a dotted path, a number or a version.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.+-]*")
-#: Free text in a program's JSON that torch never turns into code (kept as node metadata).
+#: Where a program's JSON holds free text that torch never turns into code (node metadata).
 _FREE_TEXT_KEYS = frozenset({"metadata"})
 #: Strings in a program's JSON that torch evaluates as Python expressions.
 _EXPRESSION_KEYS = frozenset({"expr_str", "guards_code", "range_constraints"})
@@ -484,19 +484,24 @@ def _code_in_program(raw: bytes, name: str) -> list[str]:
     return [] if plain else [f"Python code in {name}"]
 
 
-def _plain_strings(value: Any, key: str | None = None) -> Iterator[bool]:
-    """For every string in a program's JSON (keys too), whether it is plain."""
+def _plain_strings(value: Any, key: str | None = None, free: bool = False) -> Iterator[bool]:
+    """For every string in a program's JSON (keys too), whether it is plain. Under ``free``
+    (node metadata: stack traces and such) only expressions are checked."""
     if isinstance(value, dict):
         for k, v in value.items():
-            if k in _FREE_TEXT_KEYS:
-                continue
-            yield _plain_expression(k) if key in _EXPRESSION_KEYS else _plain_text(k)
-            yield from _plain_strings(v, k)
+            if key in _EXPRESSION_KEYS:
+                yield _plain_expression(k)
+            elif not free:
+                yield _plain_text(k)
+            yield from _plain_strings(v, k, free or k in _FREE_TEXT_KEYS)
     elif isinstance(value, list):
         for item in value:
-            yield from _plain_strings(item, key)
+            yield from _plain_strings(item, key, free)
     elif isinstance(value, str):
-        yield _plain_expression(value) if key in _EXPRESSION_KEYS else _plain_text(value)
+        if key in _EXPRESSION_KEYS:
+            yield _plain_expression(value)
+        elif not free:
+            yield _plain_text(value)
 
 
 def _plain_text(text: str) -> bool:
