@@ -207,7 +207,9 @@ def scan(
         typer.Option("--model", help="package.module:function returning the model (state dicts)."),
     ] = None,
     data_key: Annotated[str | None, typer.Option(help="Array to use from an .npz file.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=2**63 - 1, help="Samples per batch (at most int64's).")
+    ] = 256,
     trust: Annotated[
         bool, typer.Option(help="Allow pickled files that can run code when loaded.")
     ] = False,
@@ -226,7 +228,8 @@ def scan(
         inputs = load_probe_data(data, key=data_key)
         example = inputs[: min(len(inputs), batch_size)] if inputs.dim() else None
         module = load_model(checkpoint, factory=model, trust=trust, example=example)
-        with _progress(console, quiet or as_json) as progress:
+        # a bar drawn where no terminal shows it leaves a blank line before any error
+        with _progress(console, quiet or as_json or not console.is_terminal) as progress:
             task = progress.add_task("scanning", total=len(inputs) if inputs.dim() else None)
             report = reludoctor.scan(
                 module, inputs, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n)

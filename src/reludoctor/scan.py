@@ -59,7 +59,7 @@ def scan(
     was_training = model.training
     _set_training(model, False)
     doc = Monitor(model, window=sys.maxsize, sample_every=1, count_eval=True, thresholds=thresholds)
-    batches = samples = 0
+    batches = samples = first_size = 0
     try:
         with torch.no_grad():
             for batch in _batches(data, batch_size):
@@ -69,10 +69,20 @@ def scan(
                     continue
                 try:
                     model(*args, **kwargs)
-                except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+                except (
+                    RuntimeError,
+                    ValueError,
+                    TypeError,
+                    IndexError,
+                    AssertionError,
+                    NotImplementedError,
+                ) as error:
                     if batches == 0:
                         raise InputError(_shape_message(model, args, kwargs, error)) from error
-                    raise
+                    raise InputError(
+                        _later_batch_message(model, batches + 1, first_size, size, error)
+                    ) from error
+                first_size = first_size or size
                 batches += 1
                 samples += size
                 if on_batch is not None:
@@ -110,7 +120,12 @@ def _batches(data: Any, batch_size: int) -> Iterator[Any]:
     if isinstance(data, torch.Tensor):
         if data.dim() == 0:
             raise InputError("the probe data is a single number; give a batch of inputs")
-        yield from data.split(batch_size)
+        if data.layout != torch.strided:
+            raise InputError(
+                f"the probe data is a {data.layout} tensor; give a dense one (tensor.to_dense())"
+            )
+        # a batch size beyond the data means one batch (and beyond int64 torch cannot split)
+        yield from data.split(min(batch_size, max(len(data), 1)))
         return
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise InputError(
@@ -167,7 +182,7 @@ def _shape_message(model: nn.Module, args: tuple, kwargs: dict, error: Exception
         for v in (*args, *kwargs.values())
         if isinstance(v, torch.Tensor)
     ]
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first_line = _first_line(error)
     expected = _expected_input(model)
     parts = [
         f"{type(model).__name__} cannot run on the probe data: a batch has shape "
@@ -176,3 +191,24 @@ def _shape_message(model: nn.Module, args: tuple, kwargs: dict, error: Exception
     if expected:
         parts.append(f"but {expected}")
     return "; ".join(parts) + f" (PyTorch said: {first_line})"
+
+
+def _later_batch_message(
+    model: nn.Module, number: int, first_size: int, size: int, error: Exception
+) -> str:
+    """Why batch ``number`` failed after the first ran, and what to do."""
+    said = f"(PyTorch said: {_first_line(error)})"
+    name = type(model).__name__
+    if size != first_size:
+        return (
+            f"{name} ran on batches of {first_size} samples but not on batch {number}, of "
+            f"{size} {said}; a model exported with a fixed batch size takes only that size: "
+            f"give a number of samples that is a multiple of --batch-size {first_size}, or "
+            "export it with a dynamic batch dimension"
+        )
+    return f"{name} cannot run on batch {number} of the probe data {said}"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
