@@ -149,8 +149,8 @@ def demo(
         if live:
             console.print(f"seen while training: {', '.join(dict.fromkeys(live))}")
     print_summary(report, console)
-    console.print(f"report: {', '.join(str(p) for p in paths)}")
-    console.print(f"TensorBoard: tensorboard --logdir {logs}")
+    console.print(f"report: {markup_safe(', '.join(str(p) for p in paths))}")
+    console.print(f"TensorBoard: tensorboard --logdir {markup_safe(logs)}")
     if treat:
         _demo_treatment(scenario, report, treat_steps, console)
 
@@ -178,8 +178,8 @@ def _keras_demo(
         loss = report.meta["train_loss"]
         console.print(f"train loss {loss[0]:.4f} -> {loss[-1]:.4f} over {epochs} epochs")
     print_summary(report, console)
-    console.print(f"report: {', '.join(str(p) for p in paths)}")
-    console.print(f"TensorBoard: tensorboard --logdir {logs}")
+    console.print(f"report: {markup_safe(', '.join(str(p) for p in paths))}")
+    console.print(f"TensorBoard: tensorboard --logdir {markup_safe(logs)}")
 
 
 def _demo_treatment(scenario: Any, report: Report, steps: int, console: Console) -> None:
@@ -319,11 +319,13 @@ def html_report(
 ) -> None:
     """Write the self-contained HTML report (plots inline) of a saved JSON report."""
     output = output or run.with_suffix(".html")
+    if _same_file(run, output):
+        raise _fail(f"{output} is the input report {run}: pass another --output for the HTML")
     try:
         report = Report.load_json(run)
     except FileNotFoundError:
         raise _fail(f"{run} does not exist: pass the report.json that reludoctor wrote") from None
-    except (ValueError, UnicodeDecodeError, IsADirectoryError) as error:
+    except (ValueError, OSError) as error:
         raise _fail(f"cannot read {run}: {error}") from error
     console = Console()
     if not report.windows:
@@ -337,7 +339,15 @@ def html_report(
         raise _fail(f"cannot write {output}: {error}") from error
     if not quiet:
         print_summary(report, console)
-    console.print(f"report: {path}")
+    console.print(f"report: {markup_safe(path)}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one existing file (through links, ``.`` or ``..`` too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either one missing
+        return False
 
 
 @app.command(

@@ -1,4 +1,9 @@
-"""The console view of a Report: worst layers first, then the findings."""
+"""The console view of a Report: worst layers first, then the findings.
+
+Text that came from outside (layer names, activation kinds, finding codes and messages) is
+passed as :class:`~rich.text.Text` of :func:`~reludoctor.text.printable` text: no escape
+sequence reaches the terminal and no markup is read.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from rich.text import Text
 
 from reludoctor.findings import REMEDIES
 from reludoctor.report.model import Report
+from reludoctor.text import markup_safe, printable
 
 if TYPE_CHECKING:
     from reludoctor.study import StudyResult
@@ -36,7 +42,7 @@ def summary(report: Report, max_layers: int = 10) -> Group:
     )
     parts.append(verdict)
     if report.missing_ranks_note:
-        parts.append(Text(report.missing_ranks_note, style="bold yellow"))
+        parts.append(Text(printable(report.missing_ranks_note), style="bold yellow"))
     if not report.layers:
         parts.append(Text("no ReLU-family activation was seen"))
         return Group(*parts)
@@ -56,8 +62,8 @@ def summary(report: Report, max_layers: int = 10) -> Group:
             style, dead = "", f"{layer.dead}*" if layer.dead else dead
             stuck_shown = stuck_shown or bool(layer.dead)
         table.add_row(
-            Text(layer.name),
-            layer.kind,
+            Text(printable(layer.name)),
+            Text(printable(layer.kind)),
             str(layer.units),
             dead,
             _percent(layer.dead_fraction),
@@ -83,8 +89,8 @@ def summary(report: Report, max_layers: int = 10) -> Group:
         for finding in findings:
             line = Text("  ")
             line.append(f"{finding.severity:7s} ", style=SEVERITY_STYLE[finding.severity])
-            line.append(f"{finding.code}: ")
-            line.append(finding.message)
+            line.append(f"{printable(finding.code)}: ")
+            line.append(printable(finding.message))
             parts.append(line)
         remedies = [code for code in findings[0].remedies if code in REMEDIES]
         if remedies:
@@ -191,12 +197,14 @@ def treatment_table(treatment: Treatment) -> Table:
     for trial in treatment.trials:
         name = trial.label
         if trial.error is not None:
-            table.add_row(Text(name), "-", Text(trial.error), "", "", style="dim")
+            table.add_row(
+                Text(printable(name)), "-", Text(printable(trial.error)), "", "", style="dim"
+            )
             continue
         loss = "nan" if trial.loss is None else f"{trial.loss:.4g}"
         change = "-" if trial.improvement is None else f"{-trial.improvement:+.0%}"
         table.add_row(
-            Text(name + (" *" if trial is winner else "")),
+            Text(printable(name) + (" *" if trial is winner else "")),
             loss,
             change,
             share(trial.alive_fraction),
@@ -215,14 +223,15 @@ def print_treatment(treatment: Treatment, console: Console | None = None) -> Non
         console.print("no remedy lowered the loss: nothing to recommend")
     else:
         console.print(
-            f"* recommended: {winner.remedy} - {REMEDIES.get(winner.remedy, winner.remedy)} "
+            f"* recommended: {markup_safe(winner.remedy)} - "
+            f"{markup_safe(REMEDIES.get(winner.remedy, winner.remedy))} "
             f"(loss {-(winner.improvement or 0):+.0%} against the untreated copy)"
         )
     if treatment.not_tried:
         console.print(
             Text(
                 "not tried (they need changes to your data or code): "
-                + ", ".join(treatment.not_tried),
+                + printable(", ".join(treatment.not_tried)),
                 style="dim",
             )
         )

@@ -1,7 +1,9 @@
 """The HTML view of a Report: one self-contained file (inline CSS and SVG, no script, nothing
 fetched from the network) that answers which layers, since when, why, and what to do.
 
-Every text that comes from the run - layer names, messages, evidence - is escaped.
+Every value that comes from the run - layer names, messages, evidence, meta, numbers - goes
+through :func:`_e`: control and bidi-override characters shown as ``?``, then HTML-escaped
+(text and attributes alike). The figures' text is escaped by matplotlib's SVG writer.
 
     >>> from reludoctor.report.model import Report
     >>> page = render_html(Report(layers=[], windows=[], findings=[]))
@@ -19,6 +21,7 @@ from pathlib import Path
 from reludoctor.findings import REMEDIES, REMEDY_CODE, Finding
 from reludoctor.report import plots
 from reludoctor.report.model import Report, atomic_write_text
+from reludoctor.text import printable
 
 #: Rows of the worst-layers table.
 TABLE_LAYERS = 10
@@ -84,7 +87,8 @@ summary { cursor: pointer; font-weight: 600; }
 
 
 def _e(text: object) -> str:
-    return escape(str(text), quote=True)
+    """``text`` safe inside HTML text or a quoted attribute, with nothing hidden in it."""
+    return escape(printable(text, keep_newlines=True), quote=True)
 
 
 def _pct(value: float | None) -> str:
@@ -164,8 +168,10 @@ def _header(report: Report) -> str:
     meta = report.meta
     facts = [
         f"model {_e(meta.get('model', '?'))}",
-        f"{meta['steps']} steps" if "steps" in meta else None,
-        f"{len(report.windows)} windows of {meta['window']} steps" if "window" in meta else None,
+        f"{_e(meta['steps'])} steps" if "steps" in meta else None,
+        f"{len(report.windows)} windows of {_e(meta['window'])} steps"
+        if "window" in meta
+        else None,
         f"{len(report.layers)} activation layers",
         f"created {_e(meta['created'])}" if "created" in meta else None,
     ]
@@ -212,7 +218,9 @@ def _status(report: Report) -> str:
     dead = sum(layer.dead for layer in mortal)
     units = sum(layer.units for layer in mortal)
     hit = sum(1 for layer in mortal if layer.dead)
-    counts = f"{dead} of {units} units dead in {hit} of {len(mortal)} layers whose units can die"
+    counts = _e(
+        f"{dead} of {units} units dead in {hit} of {len(mortal)} layers whose units can die"
+    )
     if report.healthy:
         return f'<p class="status good">Healthy: no finding at error level ({counts}).</p>'
     causes = report.causes()
@@ -234,10 +242,10 @@ def _worst_table(report: Report) -> str:
         elif layer.can_die and layer.dead:
             css = ' class="warn"'
         dormant = str(len(layer.dormant_units)) if layer.fire_rate is not None else "-"
-        dead = f"{layer.dead}" + ("*" if layer.dead and not layer.can_die else "")
+        dead = _e(layer.dead) + ("*" if layer.dead and not layer.can_die else "")
         rows.append(
             f"<tr{css}><td class=name>{_e(layer.name)}</td><td>{_e(layer.kind)}</td>"
-            f"<td class=num>{layer.units}</td><td class=num>{dead}</td>"
+            f"<td class=num>{_e(layer.units)}</td><td class=num>{dead}</td>"
             f"<td class=num>{_pct(layer.dead_fraction)}</td>"
             f"<td class=num>{_pct(layer.start_dead_fraction)}</td>"
             f"<td class=num>{dormant}</td><td class=num>{_num(layer.grad_norm)}</td></tr>"

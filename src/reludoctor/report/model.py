@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict, Union, get_args, get_origin, get_type_hints
 
+from reludoctor.errors import InputError
 from reludoctor.findings import SEVERITY_ORDER, Finding
+from reludoctor.text import printable
 
 #: Version of the JSON layout written by :meth:`Report.save_json`.
 SCHEMA_VERSION = 1
@@ -215,29 +220,31 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
-        """Rebuild a report from :meth:`to_dict` output; ``ValueError`` when it is not one."""
+        """Rebuild a report from :meth:`to_dict` output, checking every field's type;
+        :class:`InputError` naming the first wrong field when it is not one."""
         if not isinstance(data, dict) or "schema_version" not in data:
-            raise ValueError("not a reludoctor report: the 'schema_version' field is missing")
-        version = data["schema_version"]
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise ValueError(
-                f"this report has schema version {version!r}, newer than the {SCHEMA_VERSION} "
-                "this reludoctor reads; upgrade reludoctor to read it"
-            )
-        try:
-            return cls(
-                layers=[LayerReport(**layer) for layer in data["layers"]],
-                windows=[
-                    Window(**{**w, "layers": [WindowLayer(**wl) for wl in w["layers"]]})
-                    for w in data["windows"]
-                ],
-                findings=[Finding.from_dict(f) for f in data["findings"]],
-                meta=dict(data.get("meta") or {}),
-                facts=dict(data.get("facts") or {}),
-                unjudged=[dict(u) for u in data.get("unjudged") or []],
-            )
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"corrupt reludoctor report: {error}") from error
+            raise InputError("not a reludoctor report: the 'schema_version' field is missing")
+        _check_version(data["schema_version"])
+        for key, item in data.items():
+            _check_tree(item, printable(key)[:40], 1)
+        for key in ("layers", "windows", "findings"):
+            if key not in data:
+                raise InputError(f"{CORRUPT}: the {key!r} field is missing; {REWRITE}")
+        layers = _value(data["layers"], list[LayerReport], "layers")
+        for index, layer in enumerate(layers):
+            _check_layer(layer, f"layers[{index}]")
+        meta = _value(data.get("meta", {}), dict[str, Any], "meta")
+        for key, hint in META_TYPES.items():
+            if key in meta:
+                meta[key] = _value(meta[key], hint, f"meta.{key}")
+        return cls(
+            layers=layers,
+            windows=_value(data["windows"], list[Window], "windows"),
+            findings=_value(data["findings"], list[Finding], "findings"),
+            meta=meta,
+            facts=_value(data.get("facts", {}), dict[str, Any], "facts"),
+            unjudged=_value(data.get("unjudged", []), list[dict[str, str]], "unjudged"),
+        )
 
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text; NaN and infinities (JSON has none) are written as null."""
@@ -262,8 +269,13 @@ class Report:
         text = Path(path).read_text(encoding="utf-8")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        except RecursionError:
+            raise InputError(
+                f"{path} is not a reludoctor report: its JSON is nested deeper than Python "
+                "reads; pass the report.json that reludoctor wrote"
+            ) from None
+        except ValueError as error:  # JSONDecodeError, or a number too long to read
+            raise InputError(f"{path} is not valid JSON: {error}") from error
         return cls.from_dict(data)
 
 
@@ -305,8 +317,239 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not reports
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(
+                handle.fileno()
+            )  # on disk before it takes the name: no half file after a crash
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return target
+
+
+# -- reading a report back: every field checked ---------------------------------------------
+CORRUPT = "corrupt reludoctor report"
+REWRITE = "pass a report.json that reludoctor wrote"
+#: A report nests 6 levels deep; deeper input is refused before any view recurses into it.
+MAX_DEPTH = 32
+#: Whole numbers in a report fit in 64 bits (and convert to floats for the plots).
+INT_LIMIT = 2**63
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _Ranks(TypedDict, total=False):
+    world_size: int
+    rank: int
+    missing: list[int]
+    missing_since_step: int | None
+
+
+class _Histogram(TypedDict, total=False):
+    edges: list[float]
+    start: list[float] | None
+    end: list[float] | None
+    scale: Literal["linear", "asinh"]
+    linear_width: float
+
+
+#: The meta fields that the views read, and their types (other meta fields are free).
+META_TYPES: dict[str, Any] = {
+    "model": str,
+    "created": str,
+    "steps": int,
+    "window": int,
+    "sample_every": int,
+    "dormancy_threshold": float,
+    "ranks": _Ranks,
+}
+
+
+def _check_version(version: object) -> None:
+    """Refuse a schema version other than :data:`SCHEMA_VERSION`, compared as numbers."""
+    number: float | None = None
+    if isinstance(version, str) and re.fullmatch(r"\d{1,9}(\.\d{1,9})?", version.strip()):
+        number = float(version)
+    elif isinstance(version, (int, float)) and not isinstance(version, bool):
+        number = float(version) if abs(version) < INT_LIMIT else None  # not NaN or inf
+    if number is None:
+        raise InputError(
+            "not a reludoctor report: its schema_version should be a number, not "
+            f"{_described(version)}; {REWRITE}"
+        )
+    if number > SCHEMA_VERSION:
+        raise InputError(
+            f"this report has schema version {printable(version)}, newer than the "
+            f"{SCHEMA_VERSION} this reludoctor reads; upgrade reludoctor to read it"
+        )
+    if number < SCHEMA_VERSION:
+        raise InputError(
+            f"this report has schema version {printable(version)}, older than the "
+            f"{SCHEMA_VERSION} this reludoctor reads; make the report again with this "
+            "reludoctor"
+        )
+
+
+def _check_tree(value: Any, where: str, depth: int) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` and text that is not valid Unicode."""
+    if depth > MAX_DEPTH:
+        raise InputError(f"{CORRUPT}: {where} is nested more than {MAX_DEPTH} levels; {REWRITE}")
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise InputError(f"{CORRUPT}: {where} is not valid Unicode text; {REWRITE}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_tree(key, where, depth + 1)
+            _check_tree(item, f"{where}.{printable(key)[:40]}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_tree(item, f"{where}[{index}]", depth + 1)
+
+
+def _described(value: object) -> str:
+    """``value`` as a reader of a message would want it named (JSON's words)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        shown = printable(value[:40]) + ("..." if len(value) > 40 else "")
+        return f"the string {shown!r}"
+    if isinstance(value, int):
+        return f"the number {value}" if abs(value) < 10**15 else "a number that large"
+    if isinstance(value, float):
+        return f"the number {value:g}"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+#: A JSON value of each type, in words: one of them, and several.
+_NAMES: dict[Any, tuple[str, str]] = {
+    int: ("a whole number", "whole numbers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    bool: ("true or false", "true or false values"),
+    type(None): ("null", "nulls"),
+}
+
+
+def _expected(hint: Any) -> str:
+    """What a field of type ``hint`` should hold, in JSON's words."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_expected(arg) for arg in get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in get_args(hint))
+    if origin in (list, tuple):
+        return f"a list of {_NAMES.get(get_args(hint)[0], ('', 'objects'))[1]}"
+    return _NAMES.get(hint, ("an object", ""))[0]
+
+
+def _wrong(value: object, hint: Any, where: str) -> InputError:
+    return InputError(
+        f"{CORRUPT}: {where} should be {_expected(hint)}, not {_described(value)}; {REWRITE}"
+    )
+
+
+def _value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` read as type ``hint`` (dataclasses and TypedDicts built from objects; a JSON
+    null in a number field is the NaN it was written for); :class:`InputError` otherwise."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [arg for arg in options if arg is not type(None)]
+        try:
+            return _value(value, inner, where)
+        except InputError:
+            if isinstance(value, (list, dict)):
+                raise  # the error names the wrong item inside
+            raise _wrong(value, hint, where) from None
+    if origin is Literal:
+        if isinstance(value, str) and value in get_args(hint):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, list):
+            items = [_value(v, get_args(hint)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif origin is dict:
+        if isinstance(value, dict):
+            inner = get_args(hint)[1]
+            return {k: _value(v, inner, f"{where}.{printable(k)[:40]}") for k, v in value.items()}
+    elif is_dataclass(hint) or hasattr(hint, "__required_keys__"):
+        if isinstance(value, dict):
+            return _record(value, hint, where)
+    elif hint is float:
+        if value is None:
+            return math.nan
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < INT_LIMIT:
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise _wrong(value, hint, where)
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
+    """A dataclass's or TypedDict's field types and the names it cannot do without."""
+    hints = get_type_hints(cls)
+    if not is_dataclass(cls):
+        return hints, frozenset()
+    required = {
+        f.name
+        for f in fields(cls)
+        if f.default is MISSING and f.default_factory is MISSING
+        and type(None) not in get_args(hints[f.name])
+    }  # fmt: skip
+    return {f.name: hints[f.name] for f in fields(cls)}, frozenset(required)
+
+
+def _record(data: dict[str, Any], cls: type, where: str) -> Any:
+    """An instance of the dataclass ``cls`` (or a checked dict for a TypedDict) from ``data``."""
+    hints, required = _fields(cls)
+    missing = sorted(required - data.keys())
+    if missing:
+        raise InputError(f"{CORRUPT}: {where} has no {missing[0]!r} field; {REWRITE}")
+    checked = {k: _value(v, hints[k], f"{where}.{k}") for k, v in data.items() if k in hints}
+    if not is_dataclass(cls):
+        return {**data, **checked}  # a dict: its other keys are free
+    unknown = sorted(data.keys() - hints.keys())
+    if unknown:
+        name = printable(unknown[0])[:40]
+        raise InputError(f"{CORRUPT}: {where} has an unknown field {name!r}; {REWRITE}")
+    return cls(**checked)
+
+
+def _check_layer(layer: LayerReport, where: str) -> None:
+    """The numbers of a layer that the views index or divide by are in range."""
+    if layer.units < 0 or not 0 <= layer.dead <= layer.units:
+        raise InputError(
+            f"{CORRUPT}: {where} has {layer.dead} dead of {layer.units} units; {REWRITE}"
+        )
+    for name in ("dead_units", "dormant_units"):
+        units = getattr(layer, name)
+        if any(not 0 <= unit < layer.units for unit in units):
+            raise InputError(
+                f"{CORRUPT}: {where}.{name} should hold unit numbers from 0 to "
+                f"{layer.units - 1}; {REWRITE}"
+            )
+    if layer.preact_histogram is not None:
+        histogram = _value(layer.preact_histogram, _Histogram, f"{where}.preact_histogram")
+        edges = histogram.get("edges")
+        bins = [histogram.get("start"), histogram.get("end")]
+        if edges is None or any(c is not None and len(c) != len(edges) - 1 for c in bins):
+            raise InputError(
+                f"{CORRUPT}: {where}.preact_histogram should have edges and one count fewer "
+                f"than edges for start and end; {REWRITE}"
+            )
+        if histogram.get("scale") == "asinh" and not histogram.get("linear_width", 0) > 0:
+            raise InputError(
+                f"{CORRUPT}: {where}.preact_histogram.linear_width should be a number above "
+                f"0; {REWRITE}"
+            )
+        layer.preact_histogram = histogram

@@ -2,8 +2,8 @@
 
 Each function takes the report (or its parts) and returns one ``<svg>`` element as text, or
 None when the report holds nothing to draw. Text stays text in the SVG (searchable, sharp
-in print) and matplotlib escapes it; ``$`` in layer names is escaped so that it is not read
-as mathematics.
+in print) and matplotlib escapes it; layer names lose their control and bidi-override
+characters, and their ``$`` is escaped so that it is not read as mathematics.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from reludoctor.report.model import LayerReport, Report, Window
+from reludoctor.text import printable
 
 ALIVE, DORMANT, DEAD = "#2f9e44", "#f08c00", "#d6336c"
 START, END = "#adb5bd", "#1c7ed6"
@@ -63,11 +64,12 @@ def _svg(fig: Figure) -> str:
 
 
 def short(name: str, limit: int = LABEL_CHARS) -> str:
-    """``name`` as a label: shortened in the middle to ``limit`` characters, ``$`` escaped."""
+    """``name`` as a label: shortened in the middle to ``limit`` characters, printable,
+    ``$`` escaped."""
     if len(name) > limit:
         keep = limit - 1
         name = name[: keep - keep // 2] + "…" + name[-(keep // 2) :]
-    return name.replace("$", r"\$")
+    return printable(name).replace("$", r"\$")
 
 
 def _mortal_dead(window: Window, mortal: set[str]) -> int:
