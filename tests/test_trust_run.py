@@ -167,6 +167,18 @@ def test_a_previous_runs_reports_are_never_left_as_this_runs(tmp_path):
     assert files_under(out) == {".reludoctor-run.json", "notes.json"}
 
 
+def test_the_checked_out_is_the_one_written_when_the_script_changes_directory(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path = named_models(tmp_path / "train.py", ["Net"])
+    path.write_text(f"import os\nos.chdir({str(elsewhere)!r})\n" + path.read_text())
+    command = [sys.executable, "-m", "reludoctor", "run", "-q", "--out", "out", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert files_under(tmp_path / "out") == {".reludoctor-run.json", "Net.json", "Net.html"}
+    assert files_under(elsewhere) == set()
+
+
 @pytest.mark.parametrize("where", ["a file", "under a file"])
 def test_an_unwritable_out_fails_before_the_script_starts(tmp_path, where):
     (tmp_path / "file").write_text("not a folder")

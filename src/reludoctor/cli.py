@@ -369,7 +369,7 @@ def run_script(
 
     try:
         run = ScriptRun(script, ctx.args, window=window, sample_every=sample_every)
-        prepare_out(out)
+        out = prepare_out(out)
     except InputError as error:
         raise _fail(str(error)) from None
     with silenced_live_findings() if quiet else contextlib.nullcontext():

@@ -101,11 +101,12 @@ def check_script(path: str | os.PathLike[str]) -> Path:
 
 
 def prepare_out(out: str | os.PathLike[str]) -> Path:
-    """``out`` made if missing, proved writable and cleared of the reports the previous
-    ``reludoctor run`` wrote there; :class:`InputError` if it cannot be written. Called before
-    the script starts: a bad ``--out`` is told before the training, not after it. Under a
-    launcher such as ``torchrun`` only rank 0 (which writes the reports) touches the folder."""
-    folder = Path(out)
+    """``out`` as an absolute path (a script may change directory), made if missing, proved
+    writable and cleared of the reports the previous ``reludoctor run`` wrote there;
+    :class:`InputError` if it cannot be written. Called before the script starts: a bad
+    ``--out`` is told before the training, not after it. Under a launcher such as ``torchrun``
+    only rank 0 (which writes the reports) touches the folder."""
+    folder = Path(out).absolute()
     if _launch_rank() != 0:
         return folder
     if folder.exists() and not folder.is_dir():
@@ -149,10 +150,8 @@ def _listed_reports(folder: Path) -> list[str]:
     of files in ``folder`` itself (a name that could reach elsewhere is ignored)."""
     try:
         listed = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["reports"]
-    except FileNotFoundError:
-        return []
-    except (ValueError, KeyError, TypeError, RecursionError):  # not a manifest of ours
-        return []
+    except (FileNotFoundError, ValueError, KeyError, TypeError, RecursionError):
+        return []  # none, or not a manifest of ours
     if not isinstance(listed, list):
         return []
     return [
@@ -198,8 +197,9 @@ class _Stopped(BaseException):
     """Raised in the script by a stopping signal, as SIGINT raises ``KeyboardInterrupt``."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
 
 
 #: The report's ``ending`` for a script stopped by each stopping signal.
@@ -358,7 +358,7 @@ class ScriptRun:
             self.ending = "interrupted"
             code = EXIT_INTERRUPTED
         except _Stopped as stop:
-            self.ending = _SIGNAL_ENDINGS[str(stop)]
+            self.ending = _SIGNAL_ENDINGS[stop.name]
             code = 128 + stop.signum
         except BaseException as error:
             self.ending = "error"
