@@ -368,35 +368,46 @@ def run_script(
     sample_every: Annotated[
         int, typer.Option(min=1, help="Take the costlier statistics every this many steps.")
     ] = 10,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No summary, no findings while training.")
+    ] = False,
 ) -> None:
     """Run SCRIPT [ARGS...] unmodified, watching every model it trains; write the reports
-    when it ends (also on an error or Ctrl-C) and exit with the script's own exit code.
-    reludoctor's options go before SCRIPT; everything after it is the script's."""
-    from reludoctor.run import ScriptRun
+    when it ends (also on an error, Ctrl-C, SIGTERM or SIGHUP) and exit with the script's own
+    exit code. OUT holds the last run's reports only. reludoctor's options go before SCRIPT;
+    everything after it is the script's."""
+    import contextlib
+
+    from reludoctor.run import ScriptRun, prepare_out
 
     try:
         run = ScriptRun(script, ctx.args, window=window, sample_every=sample_every)
+        out = prepare_out(out)
     except InputError as error:
         raise _fail(str(error)) from None
-    code = run.run()
-    console = Console(stderr=True)
+    with silenced_live_findings() if quiet else contextlib.nullcontext():
+        code = run.run()
+    messages = error_console()
     if not run.watched:
-        console.print(
-            f"[yellow]reludoctor:[/] {script} trained no model that reludoctor could see (no "
-            "module ran a forward in training mode with gradients on): no report"
+        messages.print(
+            f"[yellow]reludoctor:[/] {markup_safe(script)} trained no model that reludoctor "
+            "could see (no module ran a forward in training mode with gradients on): no report"
         )
         raise typer.Exit(code)
     try:
         written = run.write(out)
     except OSError as error:
-        console.print(f"[bold red]reludoctor:[/] cannot write the reports into {out}: {error}")
+        messages.print(
+            f"[bold red]error:[/] cannot write the reports into {markup_safe(out)}: "
+            f"{markup_safe(error)}"
+        )
         raise typer.Exit(code or EXIT_BAD_INPUT) from None
     if not quiet and written:
+        console = Console(stderr=True)
         for report in run.reports:
             print_summary(report, console)
     for path in written:
-        console.print(f"report: {path}")
+        messages.print(f"report: {markup_safe(path)}")
     raise typer.Exit(code)
 
 
