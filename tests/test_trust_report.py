@@ -398,3 +398,25 @@ def test_demo_prints_an_out_folder_with_markup_verbatim(tmp_path):
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output
     assert f"report:{out.parent}/[bold]demo?[2J/report.json" in "".join(result.output.split())
+
+
+def test_findings_logged_while_training_carry_no_escape_sequence(caplog):
+    from collections import OrderedDict
+
+    import torch
+    from torch import nn
+
+    import reludoctor as rd
+
+    evil = "act\x1b]0;pwned\x07"
+    model = nn.Sequential(OrderedDict(fc=nn.Linear(4, 4), **{evil: nn.ReLU()}))
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.eye(4))
+        model.fc.bias.zero_()
+    with caplog.at_level("WARNING", logger="reludoctor"), rd.watch(model, window=2) as doc:
+        for step in range(6):  # alive in the first window, dying after it
+            model(torch.rand(8, 4) * (1 if step < 2 else -1))
+            doc.step()
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("act?]0;pwned?" in message and "dying" in message for message in logged)
+    assert not any("\x1b" in message or "\x07" in message for message in logged)

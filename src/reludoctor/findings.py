@@ -10,6 +10,8 @@ Severity = Literal["error", "warning", "info"]
 Kind = Literal["symptom", "cause", "coverage"]
 
 SEVERITY_ORDER: dict[str, int] = {"error": 0, "warning": 1, "info": 2}
+#: Within a severity: what the report cannot vouch for first, then causes, then symptoms.
+KIND_ORDER: dict[str, int] = {"coverage": 0, "cause": 1, "symptom": 2}
 
 #: Remedy codes, in the order a user would usually try them.
 REMEDIES: dict[str, str] = {

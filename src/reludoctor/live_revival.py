@@ -35,6 +35,7 @@ from reludoctor.rules import (
     run_rules,
     unstable_window,
 )
+from reludoctor.text import printable
 
 logger = logging.getLogger("reludoctor")
 
@@ -126,7 +127,7 @@ class LiveRevival:
             logger.info(
                 "reludoctor at step %d: revived %s",
                 window.end_step,
-                ", ".join(f"{len(u)} units of {name}" for name, u in revived.items()),
+                ", ".join(f"{len(u)} units of {printable(name)}" for name, u in revived.items()),
             )
 
     # -- rewinding ------------------------------------------------------------------------

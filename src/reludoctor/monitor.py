@@ -23,6 +23,7 @@ from reludoctor.probes import Probes, model_name
 from reludoctor.report.model import LayerReport, Report, Window
 from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
 from reludoctor.tensorboard import TensorBoardLog
+from reludoctor.text import printable
 from reludoctor.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
 
 DEFAULT_WINDOW = 100
@@ -222,7 +223,9 @@ class Monitor:
             self._announced.add(key)
             new.append(finding)
             if self.rank == 0:
-                logger.warning("reludoctor at step %d: %s", window.end_step, finding.message)
+                logger.warning(
+                    "reludoctor at step %d: %s", window.end_step, printable(finding.message)
+                )
             if self.on_finding is not None:
                 self.on_finding(finding)
         if self.tensorboard is not None:
@@ -247,7 +250,7 @@ class Monitor:
         report = self._report()
         if not report.layers and not self.unwatched:  # else the report says why
             warnings.warn(
-                f"reludoctor saw no ReLU-family activation in {model_name(self.model)} "
+                f"reludoctor saw no ReLU-family activation in {printable(model_name(self.model))} "
                 "(none ran in a counted forward); the report is empty",
                 RuntimeWarning,
                 stacklevel=2,

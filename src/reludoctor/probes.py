@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from reludoctor.text import printable
+
 #: Activation modules, and the name of their function.
 ACTIVATION_MODULES: dict[type[nn.Module], str] = {
     nn.ReLU: "relu",
@@ -184,7 +186,7 @@ class Sink:
         """Stop counting after ``error`` (warned once); training goes on untouched."""
         if self.failure is not None:
             return
-        self.failure = f"{type(error).__name__}: {error}"
+        self.failure = printable(f"{type(error).__name__}: {error}")
         warnings.warn(
             f"reludoctor stopped watching after an error of its own ({self.failure}); "
             "training goes on unwatched, and the report names what is missing",
@@ -444,9 +446,9 @@ class Probes:
         self._installed = False
         if isinstance(model, torch.jit.ScriptModule):
             warnings.warn(
-                f"reludoctor cannot watch {self.root_name}: it is a TorchScript module, whose "
-                "activations run outside Python; watch the module before torch.jit.script. "
-                "It runs unwatched and its report says so",
+                f"reludoctor cannot watch {printable(self.root_name)}: it is a TorchScript "
+                "module, whose activations run outside Python; watch the module before "
+                "torch.jit.script. It runs unwatched and its report says so",
                 RuntimeWarning,
                 stacklevel=4,
             )

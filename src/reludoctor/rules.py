@@ -154,7 +154,8 @@ def dead_units(obs: Observations, t: Thresholds) -> Result:
             "units": layer.units,
             "dead_fraction": round(layer.dead_fraction, 4),
             "dead_units": layer.dead_units[:EVIDENCE_UNITS],
-            "samples": layer.samples,
+            "samples": layer.samples if layer.inputs is None else layer.inputs,
+            "positions": layer.samples,
             "steps": _span(obs.windows),
         }
         if layer.max_preactivation is not None:
@@ -166,7 +167,7 @@ def dead_units(obs: Observations, t: Thresholds) -> Result:
             evidence["zero_gradient_units"] = len(layer.zero_grad_units)
         message = (
             f"{layer.dead} of {layer.units} units ({layer.dead_fraction:.0%}) in {layer.name} "
-            f"never had a positive pre-activation over {layer.samples} samples"
+            f"never had a positive pre-activation over {_samples(layer)}"
         )
         if layer.zero_grad_units:
             message += f"; {len(layer.zero_grad_units)} got exactly zero gradient"
@@ -214,6 +215,15 @@ def unwatched_activations(obs: Observations, t: Thresholds) -> Result:
     )
     evidence = {"unwatched": list(obs.blind_spots)}
     return [Finding("coverage", "unwatched_activations", "error", None, message, evidence)]
+
+
+def _samples(layer: LayerReport) -> str:
+    """How many samples a layer's units saw, in words (with the positions of each sample)."""
+    if layer.inputs and layer.inputs != layer.samples:
+        each = layer.samples / layer.inputs
+        per = f"{each:.0f}" if each == int(each) else f"{each:.1f} on average"
+        return f"{layer.inputs} samples ({per} positions each)"
+    return f"{layer.samples} samples"
 
 
 def dying_units(obs: Observations, t: Thresholds) -> Result:

@@ -282,7 +282,7 @@ class ScriptRun:
     def _watch(self, model: nn.Module) -> None:
         try:
             monitor = watch(model, window=self.window, sample_every=self.sample_every)
-        except RuntimeError as error:  # e.g. the script watches this model itself
+        except Exception as error:  # e.g. the script watches this model itself: never raise
             warnings.warn(
                 f"reludoctor run: not watching {printable(type(model).__name__)}: {error}",
                 RuntimeWarning,

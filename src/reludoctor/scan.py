@@ -83,6 +83,7 @@ def scan(
                         _later_batch_message(model, batches + 1, first_size, size, error)
                     ) from error
                 first_size = first_size or size
+                doc.step()  # each batch is a step: a finding can name the batch it saw
                 batches += 1
                 samples += size
                 if on_batch is not None:

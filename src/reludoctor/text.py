@@ -32,8 +32,8 @@ def printable(text: object, *, keep_newlines: bool = False) -> str:
     if not keep_newlines:
         text = text.replace("\n", "?").replace("\t", " ")
     cleaned = _UNPRINTABLE.sub("?", text)
-    # Other format characters (Cf) that can reorder or hide text.
-    if any(unicodedata.category(c) == "Cf" for c in cleaned):
+    # Other format characters (Cf) that can reorder or hide text (none is ASCII).
+    if not cleaned.isascii() and any(unicodedata.category(c) == "Cf" for c in cleaned):
         cleaned = "".join("?" if unicodedata.category(c) == "Cf" else c for c in cleaned)
     return cleaned
 

@@ -82,6 +82,7 @@ COUNTERS: tuple[Counter, ...] = (
 #: Host-side integers: shapes are known on the host, so counting them needs no sync.
 HOST_COUNTERS = (
     "positions",
+    "rows",  # samples: the leading dim of each call (positions count every value per unit)
     "sampled_positions",
     "grad_samples",
     "grad_row_samples",
@@ -204,6 +205,7 @@ class LayerState:
 
     def reset_host(self) -> None:
         self.positions = 0
+        self.rows = 0
         self.sampled_positions = 0
         self.grad_samples = 0
         self.grad_row_samples = 0
@@ -496,6 +498,7 @@ class Tracker(Sink):
             if len(pending) >= layer.pending_limit:
                 layer.fold()
         layer.positions += n
+        layer.rows += x.shape[0] if layer.rank >= 2 else 1
         if not self.sampling:
             return
         layer.keep_values(x)
@@ -816,6 +819,7 @@ class Tracker(Sink):
                     dead_fraction=len(dead_units) / layer.units,
                     dead_units=dead_units,
                     samples=int(snap["positions"]),
+                    inputs=int(snap["rows"]),
                     source=site.source,
                     producer=site.producer,
                     unit_dim=layer.unit_dim,

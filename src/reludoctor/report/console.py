@@ -36,9 +36,12 @@ def summary(report: Report, max_layers: int = 10) -> Group:
     """A renderable summary: a table of the worst layers and the findings, worst first."""
     parts: list[object] = []
     verdict = (
-        Text("healthy: no layer has dead units at error level", style="bold green")
+        Text("healthy: no finding at error level", style="bold green")
         if report.healthy
-        else Text("unhealthy: dead units at error level", style="bold red")
+        else Text(
+            f"unhealthy: {printable(', '.join(report.error_codes()))} at error level",
+            style="bold red",
+        )
     )
     parts.append(verdict)
     if report.missing_ranks_note:

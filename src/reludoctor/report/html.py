@@ -209,6 +209,9 @@ def _summary(report: Report) -> str:
 
 
 def _status(report: Report) -> str:
+    errors = _e(", ".join(code.replace("_", " ") for code in report.error_codes()))
+    if not report.layers and not report.healthy:
+        return f'<p class="status bad">Unhealthy: {errors}; no layer could be watched.</p>'
     if not report.layers:
         return (
             '<p class="status good">no ReLU-family activation was seen: nothing to judge. '
@@ -225,7 +228,7 @@ def _status(report: Report) -> str:
         return f'<p class="status good">Healthy: no finding at error level ({counts}).</p>'
     causes = report.causes()
     why = f" Likely cause: {_e(causes[0].code.replace('_', ' '))}." if causes else ""
-    return f'<p class="status bad">Unhealthy: {counts}.{why}</p>'
+    return f'<p class="status bad">Unhealthy ({errors}): {counts}.{why}</p>'
 
 
 def _worst_table(report: Report) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, Union, get_args, get_origin, get_type_hints
 
 from reludoctor.errors import InputError
-from reludoctor.findings import SEVERITY_ORDER, Finding
+from reludoctor.findings import KIND_ORDER, SEVERITY_ORDER, Finding
 from reludoctor.text import printable
 
 #: Version of the JSON layout written by :meth:`Report.save_json`.
@@ -55,6 +55,9 @@ class LayerReport:
     grad_norm: float | None = None
     zero_grad_units: list[int] | None = None
     nonfinite_units: int = 0
+    #: Samples (rows of the batches) that reached the layer; ``samples`` counts the values
+    #: each unit saw, which is more where a sample holds several positions (conv, sequences).
+    inputs: int | None = None
     #: The first step in which a unit of this layer saw a NaN or +inf pre-activation.
     nonfinite_first_step: int | None = None
     update_ratio: float | None = None
@@ -184,11 +187,16 @@ class Report:
         )
 
     def sorted_findings(self) -> list[Finding]:
-        """Errors first; within a severity, causes before symptoms."""
+        """Errors first; within a severity, what could not be watched, then causes, then
+        symptoms."""
         return sorted(
             self.findings,
-            key=lambda f: (SEVERITY_ORDER[f.severity], f.kind != "cause", f.layer or ""),
+            key=lambda f: (SEVERITY_ORDER[f.severity], KIND_ORDER[f.kind], f.layer or ""),
         )
+
+    def error_codes(self) -> list[str]:
+        """The codes of the findings at error level, worst first, each once."""
+        return list(dict.fromkeys(f.code for f in self.sorted_findings() if f.severity == "error"))
 
     def causes(self) -> list[Finding]:
         """The findings that name a cause."""
@@ -318,9 +326,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
-            os.fsync(
-                handle.fileno()
-            )  # on disk before it takes the name: no half file after a crash
+            os.fsync(handle.fileno())  # on disk before it takes the name: no half file later
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
