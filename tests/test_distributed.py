@@ -9,6 +9,8 @@ import pytest
 import torch.multiprocessing as mp
 from distributed_worker import BATCH, ONLY_ON_RANK_1, PLANTED_DEAD, STEPS, free_port, train
 
+from reludoctor.run import MANIFEST
+
 pytestmark = pytest.mark.skipif(
     not __import__("torch").distributed.is_available(), reason="no torch.distributed"
 )
@@ -122,7 +124,7 @@ def test_reludoctor_run_under_torchrun_combines_ranks_and_rank_0_writes(tmp_path
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["Sequential.html", "Sequential.json"]
+    assert written == [MANIFEST, "Sequential.html", "Sequential.json"]  # by rank 0 alone
     report = json.loads((tmp_path / "out" / "Sequential.json").read_text())
     assert report["meta"]["wrapper"] == "DistributedDataParallel"
     assert fc(report)["dead_units"] == [PLANTED_DEAD]
