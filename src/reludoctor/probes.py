@@ -754,7 +754,7 @@ def _scripted_activations(model: nn.Module) -> list[tuple[str, str]]:
             continue
         try:
             ops = {node.kind() for node in module.inlined_graph.nodes()}
-        except Exception:
+        except Exception:  # no forward, or a graph it cannot show: it may run any activation
             ops = set(_ATEN_NAMES)
         if ops & _ATEN_NAMES:
             found.append(
