@@ -335,3 +335,16 @@ def test_an_error_at_a_windows_end_never_reaches_the_training_loop():
     assert not report.healthy and "step 2" in report.findings[0].message
     with pytest.raises(ValueError, match="scalar loss"):
         doc.step(loss=torch.ones(3))  # misuse is still said at once
+
+
+def test_an_error_of_its_own_never_raises_even_when_warnings_are_errors(monkeypatch, caplog):
+    def broken(self, layer, x):
+        raise RuntimeError("a bug in the tracker")
+
+    monkeypatch.setattr(Tracker, "observe_input", broken)
+    model = planted()
+    with warnings.catch_warnings(), caplog.at_level("ERROR", logger="reludoctor"):
+        warnings.simplefilter("error")  # as under python -W error
+        with rd.watch(model, window=5) as doc:
+            train(model, doc, 2, lambda _: torch.randn(8, 4))
+    assert "a bug in the tracker" in caplog.text and doc.tracker.failure is not None

@@ -19,7 +19,7 @@ from reludoctor.distributed import DEFAULT_RANK_TIMEOUT, RankCombiner, world
 from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
 from reludoctor.findings import Finding
 from reludoctor.live_revival import LiveRevival
-from reludoctor.probes import Probes, model_name
+from reludoctor.probes import Probes, is_compiled, model_name
 from reludoctor.report.model import LayerReport, Report, Window
 from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
 from reludoctor.tensorboard import TensorBoardLog
@@ -35,6 +35,13 @@ DEFAULT_REVIVE_CAP = 128
 DEFAULT_REWIND_LR_FACTOR = 10.0
 
 logger = logging.getLogger("reludoctor")
+
+#: Why a compiled model's activations are not counted (for now).
+COMPILED_REASON = (
+    "it ran under torch.compile, and reludoctor does not count inside compiled graphs yet: "
+    "the counts cover its uncompiled forwards only, so watch a run without torch.compile to "
+    "judge it; training itself was left untouched"
+)
 
 
 @contextlib.contextmanager
@@ -142,6 +149,7 @@ class Monitor:
             raise
         #: Parts of the model whose activations cannot be seen: (module name, reason).
         self.unwatched: list[tuple[str, str]] = list(self.probes.unwatched)
+        self._ran_compiled = False
 
     # -- the training loop's side ---------------------------------------------------------
     def step(
@@ -248,7 +256,7 @@ class Monitor:
         the open one together, so even a run shorter than one window gets a report.
         """
         report = self._report()
-        if not report.layers and not self.unwatched:  # else the report says why
+        if not report.layers and not (self.unwatched or self.ran_compiled):  # the report says why
             warnings.warn(
                 f"reludoctor saw no ReLU-family activation in {printable(model_name(self.model))} "
                 "(none ran in a counted forward); the report is empty",
@@ -259,7 +267,11 @@ class Monitor:
 
     def _report(self) -> Report:
         """:meth:`report`, without the warning about an empty one."""
-        meta: dict[str, Any] = {"model": model_name(self.model), "torch": torch.__version__}
+        meta: dict[str, Any] = {
+            "model": model_name(self.model),
+            "torch": torch.__version__,
+            "compiled": self.ran_compiled,
+        }
         if isinstance(self.model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             meta["model"] = type(self.model.module).__name__
             meta["wrapper"] = type(self.model).__name__
@@ -269,9 +281,18 @@ class Monitor:
             meta["ranks"] = self.ranks.meta()
         return build_report(self._observations(), self.tracker, self.thresholds, meta)
 
+    @property
+    def ran_compiled(self) -> bool:
+        """Whether the model ran under ``torch.compile`` while watched (or is compiled)."""
+        traced = self.probes.ran_compiled if self.probes is not None else self._ran_compiled
+        return traced or is_compiled(self.model)
+
     def _observations(self) -> Observations:
         """What the rules see now: layer summaries, every window, and the facts."""
-        return observe(self.tracker, self.facts, self.unwatched)
+        unwatched = list(self.unwatched)
+        if self.ran_compiled:
+            unwatched.append((model_name(self.model), COMPILED_REASON))
+        return observe(self.tracker, self.facts, unwatched)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -279,6 +300,7 @@ class Monitor:
         TensorBoard log and close it. The monitor can still make reports afterwards."""
         if self.probes is not None:
             self._residual_adds = self.probes.residual_adds
+            self._ran_compiled = self.probes.ran_compiled
             self.probes.remove()
             self.tracker.disarm()
             self.probes = None

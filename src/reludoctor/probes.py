@@ -22,6 +22,7 @@ line within one forward (so a loop over layers gives one layer per iteration).
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import types
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 from torch.overrides import TorchFunctionMode
 
 from reludoctor.text import printable
@@ -187,12 +189,14 @@ class Sink:
         if self.failure is not None:
             return
         self.failure = printable(f"{type(error).__name__}: {error}")
-        warnings.warn(
+        message = (
             f"reludoctor stopped watching after an error of its own ({self.failure}); "
-            "training goes on unwatched, and the report names what is missing",
-            RuntimeWarning,
-            stacklevel=3,
+            "training goes on unwatched, and the report names what is missing"
         )
+        try:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        except Warning:  # warnings are errors here (python -W error): still never raise
+            logging.getLogger("reludoctor").error(message)
 
     def new_layer(self, site: Site, x: torch.Tensor) -> Any:
         """State for a newly seen call site, or None when it has nothing to measure."""
@@ -291,6 +295,8 @@ class _Patcher:
         module_only = kind == "hardtanh"
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if is_compiling():  # traced by torch.compile: the graph gets the plain call
+                return original(*args, **kwargs)
             stack = getattr(local, "stack", None)
             if not stack:
                 return original(*args, **kwargs)
@@ -341,7 +347,7 @@ class _Patcher:
         local = self.local
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            stack = getattr(local, "stack", None)
+            stack = None if is_compiling() else getattr(local, "stack", None)
             if stack and len(args) >= 2:
                 a, b = args[0], args[1]
                 if (
@@ -440,6 +446,9 @@ class Probes:
         self._names: set[str] = set()
         self._aten_mode: _AtenMode | None = None
         self._holds_functional = False
+        #: Whether a forward of the model was traced by ``torch.compile`` (it then runs a
+        #: compiled graph, inside which nothing is counted).
+        self.ran_compiled = False
         #: Modules whose activations cannot be seen, and why: (qualified name, reason).
         self.unwatched: list[tuple[str, str]] = _scripted_activations(model)
         self._aten_nodes: list[Any] | None = None
@@ -465,6 +474,9 @@ class Probes:
         def watched_forward(self_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if self_model is not probes.model:  # a copy of the watched model: run its own
                 return type(self_model).forward(self_model, *args, **kwargs)
+            if is_compiling():  # traced by torch.compile: nothing of reludoctor's in the graph
+                probes.ran_compiled = True
+                return inner(*args, **kwargs)
             probes.enter()
             try:
                 outermost = probes.counting and probes.depth == 1
@@ -732,7 +744,11 @@ def whole_base(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def model_name(model: nn.Module) -> str:
-    """The class name a user knows ``model`` by (a TorchScript module's original class)."""
+    """The class name a user knows ``model`` by (a TorchScript module's original class, the
+    module a ``torch.compile`` wrapper compiles)."""
+    compiled = getattr(model, "_orig_mod", None)
+    if isinstance(compiled, nn.Module):
+        return model_name(compiled)
     if isinstance(model, torch.jit.ScriptModule):
         return str(getattr(model, "original_name", None) or type(model).__name__)
     return type(model).__name__
@@ -740,6 +756,14 @@ def model_name(model: nn.Module) -> str:
 
 #: Names of the ATen operators of rectifier-family activations ("aten::relu" ...).
 _ATEN_NAMES = frozenset(op.name() for op in ATEN_TARGETS)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is ``torch.compile``'s wrapper or was compiled in place
+    (``model.compile()``)."""
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module) or (
+        getattr(model, "_compiled_call_impl", None) is not None
+    )
 
 
 def _scripted_activations(model: nn.Module) -> list[tuple[str, str]]:

@@ -334,7 +334,11 @@ class ScriptRun:
         ]
         torch.Tensor.backward = keeping_loss  # type: ignore[method-assign]
         try:
-            yield
+            with warnings.catch_warnings():
+                # torch warns of the global hooks above when a script compiles a module:
+                # they are reludoctor's, not the script's
+                warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)`")
+                yield
         finally:
             torch.Tensor.backward = backward  # type: ignore[method-assign]
             for handle in handles:
