@@ -41,10 +41,11 @@ def compiled(order: str, backend: str) -> tuple[nn.Module, rd.Monitor]:
         doc = rd.watch(model, window=5)
         return torch.compile(model, backend=backend), doc
     if order == "torch.compile, then watch the wrapper":
-        wrapper = torch.compile(model, backend=backend)
-        return wrapper, rd.watch(wrapper, window=5)
-    model.compile(backend=backend)  # in place
-    return model, rd.watch(model, window=5)
+        model = torch.compile(model, backend=backend)
+    else:
+        model.compile(backend=backend)  # in place
+    with pytest.warns(RuntimeWarning, match="does not count inside torch.compile graphs"):
+        return model, rd.watch(model, window=5)  # said at once: it is compiled already
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,23 @@ def test_a_compiled_model_trains_untouched_and_its_report_says_it_was_not_counte
     assert finding.kind == "coverage" and "torch.compile" in finding.message
     patcher = probes._patcher()
     assert (patcher.functional.count, patcher.tensor.count) == (0, len(probes._WATCHED))
+
+
+def test_watching_a_compiled_model_adds_no_graph_and_no_break():
+    from torch._dynamo.utils import counters
+
+    def graphs(watched: bool) -> tuple[int, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        model = torch.compile(Net(), backend="aot_eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            doc = rd.watch(model, window=3) if watched else None
+        train(model, doc, 8, lambda _: torch.randn(16, 4), lr=0.1)
+        breaks = sum(counters["graph_break"].values())
+        return counters["stats"]["unique_graphs"], breaks
+
+    assert graphs(watched=True) == graphs(watched=False) == (1, 0)
 
 
 def test_an_uncompiled_model_says_it_ran_uncompiled():
@@ -109,7 +127,9 @@ def test_reludoctor_run_on_a_script_that_compiles_its_model(tmp_path):
         [*command, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "trained\n" and "Warning" not in result.stderr
+    assert result.stdout == "trained\n"
+    assert result.stderr.count("Warning") == 1  # said once, and torch's hook warning is not
+    assert "does not count inside torch.compile graphs" in result.stderr
     report = rd.Report.load_json(tmp_path / "out" / "Sequential.json")
     assert report.meta["compiled"] is True
     assert "unwatched_activations" in {finding.code for finding in report.findings}

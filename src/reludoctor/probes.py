@@ -462,6 +462,16 @@ class Probes:
                 stacklevel=4,
             )
             return
+        if is_compiled(model):  # nothing installed: no recompilation, no code in its graph
+            self.ran_compiled = True
+            warnings.warn(
+                f"reludoctor does not count inside torch.compile graphs yet: "
+                f"{printable(self.root_name)} trains untouched and its report says so; watch "
+                "it uncompiled to judge it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
         if isinstance(model, torch.fx.GraphModule):
             self._aten_nodes = [
                 n for n in model.graph.nodes if n.op == "call_function" and n.target in ATEN_TARGETS
