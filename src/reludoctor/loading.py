@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reludoctor.errors import InputError, UntrustedFileError
+from reludoctor.errors import InputError, UntrustedFileError, first_line
 
 #: Keys under which training scripts commonly nest a state dict inside a checkpoint.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -72,7 +72,7 @@ def load_model(
             "better, save model.state_dict() or a torch.export program (.pt2) instead."
         ) from error
     except Exception as error:
-        raise InputError(f"cannot read {path} as a PyTorch file: {_first_line(error)}") from error
+        raise InputError(f"cannot read {path} as a PyTorch file: {first_line(error)}") from error
     if isinstance(content, nn.Module):
         return content
     state = _state_dict_of(content, path)
@@ -89,7 +89,7 @@ def load_model(
         details = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
         raise InputError(
             f"the state dict in {path} does not fit the model from {factory}: "
-            f"{details or _first_line(error)}"
+            f"{details or first_line(error)}"
         ) from error
     return model
 
@@ -109,7 +109,7 @@ def build_from_factory(spec: str) -> nn.Module:
         except Exception as error:  # ImportError, or anything the module raises on import
             raise InputError(
                 f"cannot import {module_name!r} for --model: {type(error).__name__}: "
-                f"{_first_line(error)}"
+                f"{first_line(error)}"
             ) from error
         factory = getattr(module, attr, None)
         if not callable(factory):
@@ -127,7 +127,7 @@ def build_from_factory(spec: str) -> nn.Module:
             model = factory()
         except Exception as error:
             raise InputError(
-                f"--model {spec} raised {type(error).__name__}: {_first_line(error)}"
+                f"--model {spec} raised {type(error).__name__}: {first_line(error)}"
             ) from error
     if not isinstance(model, nn.Module):
         raise InputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
@@ -155,7 +155,7 @@ def load_probe_data(path: str | Path, *, key: str | None = None) -> torch.Tensor
     except InputError:
         raise
     except Exception as error:
-        raise InputError(f"cannot read probe data from {path}: {_first_line(error)}") from error
+        raise InputError(f"cannot read probe data from {path}: {first_line(error)}") from error
     if isinstance(content, dict):
         content = _pick(content, key, path)
     elif isinstance(content, (tuple, list)) and content and isinstance(content[0], torch.Tensor):
@@ -195,11 +195,6 @@ def _existing(path: str | Path, what: str) -> Path:
     if path.stat().st_size == 0:
         raise InputError(f"the {what} file {path} is empty")
     return path
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _is_torch_file(path: Path) -> bool:
@@ -242,7 +237,7 @@ def _from_torchscript(path: Path, example: torch.Tensor | None) -> nn.Module:
             scripted = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:
         raise InputError(
-            f"{path} is not a readable TorchScript archive: {_first_line(error)}"
+            f"{path} is not a readable TorchScript archive: {first_line(error)}"
         ) from error
     if example is None:
         raise InputError("a TorchScript model needs probe data to be converted for watching")
@@ -299,7 +294,7 @@ def _from_export(path: Path, trust: bool) -> nn.Module:
             return torch.export.load(io.BytesIO(data)).module()
     except Exception as error:  # torch raises many kinds here
         raise InputError(
-            f"{path} is not a readable torch.export program: {_first_line(error)}"
+            f"{path} is not a readable torch.export program: {first_line(error)}"
         ) from error
 
 

@@ -207,10 +207,9 @@ def unwatched_activations(obs: Observations, t: Thresholds) -> Result:
     """What the monitor could not see: the report cannot vouch for it, so it is not healthy."""
     if not obs.blind_spots:
         return []
-    names = [spot["module"] for spot in obs.blind_spots]
     reasons = "; ".join(f"{spot['module']}: {spot['reason']}" for spot in obs.blind_spots)
     message = (
-        f"reludoctor could not watch {len(names)} part(s) of the model, so this report "
+        f"reludoctor could not watch {len(obs.blind_spots)} part(s) of the model, so this report "
         f"cannot say they are healthy - {reasons}"
     )
     evidence = {"unwatched": list(obs.blind_spots)}

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reludoctor.errors import InputError
+from reludoctor.errors import InputError, first_line
 from reludoctor.keras import is_keras_model
 from reludoctor.monitor import Monitor, _positive_int, _require_module
 from reludoctor.report.model import Report
@@ -183,7 +183,7 @@ def _shape_message(model: nn.Module, args: tuple, kwargs: dict, error: Exception
         for v in (*args, *kwargs.values())
         if isinstance(v, torch.Tensor)
     ]
-    first_line = _first_line(error)
+    said = first_line(error)
     expected = _expected_input(model)
     parts = [
         f"{type(model).__name__} cannot run on the probe data: a batch has shape "
@@ -191,14 +191,14 @@ def _shape_message(model: nn.Module, args: tuple, kwargs: dict, error: Exception
     ]
     if expected:
         parts.append(f"but {expected}")
-    return "; ".join(parts) + f" (PyTorch said: {first_line})"
+    return "; ".join(parts) + f" (PyTorch said: {said})"
 
 
 def _later_batch_message(
     model: nn.Module, number: int, first_size: int, size: int, error: Exception
 ) -> str:
     """Why batch ``number`` failed after the first ran, and what to do."""
-    said = f"(PyTorch said: {_first_line(error)})"
+    said = f"(PyTorch said: {first_line(error)})"
     name = type(model).__name__
     if size != first_size:
         return (
@@ -208,8 +208,3 @@ def _later_batch_message(
             "export it with a dynamic batch dimension"
         )
     return f"{name} cannot run on batch {number} of the probe data {said}"
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

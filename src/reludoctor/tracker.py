@@ -490,7 +490,7 @@ class Tracker(Sink):
             latest = _per_unit_max(layer, x, layer.scratch)
             total = layer.scratch_numpy.sum() if latest is layer.scratch else latest.float().sum()
             if not math.isfinite(total):  # a NaN or +inf (or a unit all -inf, or overflow)
-                latest = self._nonfinite_call(layer, x, latest)
+                latest = self._finite_maximum(layer, x, latest)
             torch.maximum(layer.max_pre, latest, out=layer.max_pre)
         else:
             pending = layer.pending
@@ -510,23 +510,14 @@ class Tracker(Sink):
             positive = torch.nan_to_num_(positive, nan=0.0, posinf=0.0).sign_()
             layer.fire_count += _per_unit_sum(layer, positive)
 
-    def _nonfinite_call(
-        self, layer: LayerState, x: torch.Tensor, maxima: torch.Tensor
+    def _finite_maximum(
+        self, layer: LayerState, x: torch.Tensor, maxima: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """A CPU call whose per-unit ``maxima`` are not all finite: count the units that saw
-        a NaN or +inf and return the maxima of their finite values."""
-        bad = torch.isnan(maxima) | torch.isposinf(maxima)
-        if bool(bad.any()):
-            layer.nonfinite += bad
-            if float(layer.nonfinite_first) == math.inf:
-                layer.nonfinite_first.fill_(self.steps + 1)
-            return _per_unit_max(layer, _finite_or_neginf(x))
-        return maxima
-
-    def _finite_maximum(self, layer: LayerState, x: torch.Tensor) -> torch.Tensor:
         """Per-unit maximum of ``x``'s finite values, counting the units that saw a NaN or
-        +inf, without waiting for the device."""
-        maxima = _per_unit_max(layer, x)
+        +inf (from ``maxima``, the plain per-unit maximum, when already taken), without
+        waiting for the device."""
+        if maxima is None:
+            maxima = _per_unit_max(layer, x)
         bad = torch.isnan(maxima) | torch.isposinf(maxima)
         layer.nonfinite += bad
         step = float(self.steps + 1)
