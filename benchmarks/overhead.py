@@ -5,8 +5,11 @@ alternate between the watched and the plain copy, so machine noise hits both ali
 workload it prints the median ratio (watched / plain) and its spread (interquartile range),
 and the same for two plain copies (the control: what the set-up alone shows).
 
+Each workload runs uncompiled and under ``torch.compile`` (inductor): the compiled rows compare
+a compiled watched copy (watched, then compiled) with a compiled plain one.
+
     python benchmarks/overhead.py [--rounds 30] [--block 20] [--threads 2] [--device cpu]
-                                  [--only W1 ...] [--sample-every N]
+                                  [--only W1 ...] [--sample-every N] [--modes eager compiled]
 """
 
 from __future__ import annotations
@@ -88,9 +91,11 @@ def measure(
     block: int,
     device: str,
     watch: dict[str, int] | None,
+    compiled: bool = False,
 ) -> tuple[list[float], float]:
     """Ratios of watched to plain block times (plain to plain when ``watch`` is None), and
-    the plain step's median time in milliseconds."""
+    the plain step's median time in milliseconds; with ``compiled``, both copies run under
+    ``torch.compile``."""
     torch.manual_seed(0)
     plain = build().to(device)
     watched = copy.deepcopy(plain)
@@ -100,17 +105,20 @@ def measure(
     opt_watched = torch.optim.Adam(watched.parameters(), lr=1e-3)
     ratios, plain_steps = [], []
     doc = rd.watch(watched, **watch) if watch is not None else None
+    call_plain, call_watched = plain, watched
+    if compiled:
+        call_plain, call_watched = torch.compile(plain), torch.compile(watched)
     try:
-        for _ in range(3):  # warm-up, including the discovery forward
-            run_block(plain, opt_plain, x, y, block)
-            run_block(watched, opt_watched, x, y, block, doc)
+        for _ in range(3):  # warm-up: the discovery forward, compilation and its variants
+            run_block(call_plain, opt_plain, x, y, block)
+            run_block(call_watched, opt_watched, x, y, block, doc)
         for i in range(rounds):
             if i % 2:
-                t_plain = run_block(plain, opt_plain, x, y, block)
-                t_watched = run_block(watched, opt_watched, x, y, block, doc)
+                t_plain = run_block(call_plain, opt_plain, x, y, block)
+                t_watched = run_block(call_watched, opt_watched, x, y, block, doc)
             else:
-                t_watched = run_block(watched, opt_watched, x, y, block, doc)
-                t_plain = run_block(plain, opt_plain, x, y, block)
+                t_watched = run_block(call_watched, opt_watched, x, y, block, doc)
+                t_plain = run_block(call_plain, opt_plain, x, y, block)
             ratios.append(t_watched / t_plain)
             plain_steps.append(t_plain / block * 1e3)
         if doc is not None:
@@ -129,21 +137,33 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", help="workload labels to run, e.g. W1 W3")
     parser.add_argument("--sample-every", type=int, help="rd.watch's sample_every")
+    parser.add_argument("--modes", nargs="*", default=["eager", "compiled"])
     args = parser.parse_args()
     settings = {} if args.sample_every is None else {"sample_every": args.sample_every}
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'workload':60s} {'median':>8s} {'q1':>7s} {'q3':>7s} {'plain ms/step':>14s}")
+    print(f"{'workload':72s} {'median':>8s} {'q1':>7s} {'q3':>7s} {'plain ms/step':>14s}")
     for name, (build, shape, batch) in WORKLOADS.items():
         if args.only and not any(name.startswith(label) for label in args.only):
             continue
-        for label, watch in (("watched", settings), ("control, both plain", None)):
-            ratios, step_ms = measure(
-                build, shape, batch, args.rounds, args.block, args.device, watch
-            )
-            q1, _, q3 = statistics.quantiles(ratios, n=4)
-            row = f"{name} [{label}]"
-            print(f"{row:60s} {statistics.median(ratios):8.3f} {q1:7.3f} {q3:7.3f} {step_ms:14.3f}")
+        for mode in args.modes:
+            for label, watch in (("watched", settings), ("control, both plain", None)):
+                ratios, step_ms = measure(
+                    build,
+                    shape,
+                    batch,
+                    args.rounds,
+                    args.block,
+                    args.device,
+                    watch,
+                    compiled=mode == "compiled",
+                )
+                q1, _, q3 = statistics.quantiles(ratios, n=4)
+                row = f"{name} ({mode}) [{label}]"
+                print(
+                    f"{row:72s} {statistics.median(ratios):8.3f} {q1:7.3f} {q3:7.3f} "
+                    f"{step_ms:14.3f}"
+                )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,13 @@ from reludoctor.distributed import DEFAULT_RANK_TIMEOUT, RankCombiner, world
 from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
 from reludoctor.findings import Finding
 from reludoctor.live_revival import LiveRevival
-from reludoctor.probes import Probes, is_compiled, model_name
+from reludoctor.probes import (
+    BACKEND_REASON,
+    Probes,
+    compiled_module,
+    is_compiled,
+    model_name,
+)
 from reludoctor.report.model import LayerReport, Report, Window
 from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
 from reludoctor.tensorboard import TensorBoardLog
@@ -35,13 +41,6 @@ DEFAULT_REVIVE_CAP = 128
 DEFAULT_REWIND_LR_FACTOR = 10.0
 
 logger = logging.getLogger("reludoctor")
-
-#: Why a compiled model's activations are not counted (for now).
-COMPILED_REASON = (
-    "it ran under torch.compile, and reludoctor does not count inside compiled graphs yet: "
-    "the counts cover its uncompiled forwards only, so watch a run without torch.compile to "
-    "judge it; training itself was left untouched"
-)
 
 
 @contextlib.contextmanager
@@ -93,7 +92,10 @@ class Monitor:
         log_dir: str | os.PathLike[str] | None = None,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
     ) -> None:
-        self.model = _require_module(model, "rd.watch")
+        wrapper = _require_module(model, "rd.watch")
+        #: The model watched (the module a ``torch.compile`` wrapper compiles).
+        self.model = model = compiled_module(wrapper)
+        self._compiled_before = is_compiled(wrapper) or is_compiled(model)
         if revive and optimizer is None:
             raise ValueError(
                 "rd.watch(revive=True) needs optimizer=: reviving units resets the optimizer's "
@@ -142,7 +144,7 @@ class Monitor:
             self.tensorboard = TensorBoardLog(log_dir, self.tracker)
             self.tracker.on_window.append(self.tensorboard)
         try:
-            self.probes: Probes | None = Probes(model, self.tracker, count_eval=count_eval)
+            self.probes: Probes | None = Probes(wrapper, self.tracker, count_eval=count_eval)
         except BaseException:
             if self.tensorboard is not None:
                 self.tensorboard.close()
@@ -150,6 +152,8 @@ class Monitor:
         #: Parts of the model whose activations cannot be seen: (module name, reason).
         self.unwatched: list[tuple[str, str]] = list(self.probes.unwatched)
         self._ran_compiled = False
+        self._compiled_gap: str | None = None
+        self._counted_in_graph = False
 
     # -- the training loop's side ---------------------------------------------------------
     def step(
@@ -285,13 +289,21 @@ class Monitor:
     def ran_compiled(self) -> bool:
         """Whether the model ran under ``torch.compile`` while watched (or is compiled)."""
         traced = self.probes.ran_compiled if self.probes is not None else self._ran_compiled
-        return traced or is_compiled(self.model)
+        return traced or self._compiled_before or is_compiled(self.model)
+
+    def _counted_compiled(self) -> bool:
+        """Whether compiled forwards ran with counts in their graph."""
+        return self.probes.counted_compiled if self.probes is not None else self._counted_in_graph
 
     def _observations(self) -> Observations:
         """What the rules see now: layer summaries, every window, and the facts."""
         unwatched = list(self.unwatched)
-        if self.ran_compiled:
-            unwatched.append((model_name(self.model), COMPILED_REASON))
+        probes = self.probes
+        gap = probes.compiled_gap if probes is not None else self._compiled_gap
+        if gap is None and self._counted_compiled() and not self.tracker.counted_in_graph():
+            gap = BACKEND_REASON
+        if gap is not None:
+            unwatched.append((model_name(self.model), gap))
         return observe(self.tracker, self.facts, unwatched)
 
     # -- lifetime -------------------------------------------------------------------------
@@ -301,6 +313,8 @@ class Monitor:
         if self.probes is not None:
             self._residual_adds = self.probes.residual_adds
             self._ran_compiled = self.probes.ran_compiled
+            self._compiled_gap = self.probes.compiled_gap
+            self._counted_in_graph = self.probes.counted_compiled
             self.probes.remove()
             self.tracker.disarm()
             self.probes = None

@@ -18,6 +18,13 @@ The watched forward is entered through an instance-level ``forward`` that wraps 
 Each call site is one layer: an activation module by module (and which call of it within one
 forward), a functional call by the module that made it, its source line and which call of that
 line within one forward (so a loop over layers gives one layer per iteration).
+
+Under ``torch.compile`` the same wrappers are traced into the graph: the first counted forward
+runs uncompiled and records the order of its activation calls (the *plan*); a compiled forward
+knows each call's layer by its place in that order, and its counts (the per-unit maximum,
+fused with the activation; sampled statistics in a second variant) are tensor operations in
+the graph on counters made beforehand. Nothing in that path reads a Python value that changes
+between steps, so the compiler neither breaks the graph nor recompiles for it.
 """
 
 from __future__ import annotations
@@ -34,7 +41,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.compiler import is_compiling
 from torch.overrides import TorchFunctionMode
 
@@ -295,13 +305,20 @@ class _Patcher:
         module_only = kind == "hardtanh"
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if is_compiling():  # traced by torch.compile: the graph gets the plain call
-                return original(*args, **kwargs)
+            if is_compiling():  # traced by torch.compile, or run by it on fake tensors
+                compiled = _COMPILED.probes
+                x = args[0] if args else kwargs.get("input")
+                if compiled is None or isinstance(x, _COMPILER_TENSORS):
+                    return original(*args, **kwargs)
+                return compiled.traced_activation(original, kind, args, kwargs)
             stack = getattr(local, "stack", None)
             if not stack:
-                return original(*args, **kwargs)
+                compiled = _COMPILED.probes  # run between two graphs of a compiled forward
+                if compiled is None:
+                    return original(*args, **kwargs)
+                return compiled.eager_activation(original, kind, args, kwargs)
             x = args[0] if args else kwargs.get("input")
-            if not isinstance(x, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or isinstance(x, _COMPILER_TENSORS):
                 return original(*args, **kwargs)
             frame = sys._getframe(1)
             code = frame.f_code
@@ -322,9 +339,11 @@ class _Patcher:
                     if layer is None:
                         layer = probes.new_module_layer(module, n, x)
                 elif module_only:
-                    return original(*args, **kwargs)
+                    layer = _SKIP
                 else:
                     layer = probes.functional_layer(frame, kind, x)
+                if probes.recording is not None:
+                    probes.record(kind, layer, frame)
                 if layer is not _SKIP:
                     sink.observe_input(layer, x)
             except Exception as error:  # reludoctor's own: never the user's forward's
@@ -366,6 +385,20 @@ class _Patcher:
 
 
 _PATCHER: _Patcher | None = None
+
+#: Tensors the compiler runs functions on while it compiles (shapes only, no values): such
+#: a call is not one of the training forward's.
+_COMPILER_TENSORS = (FakeTensor, FunctionalTensor)
+
+
+class _CompiledForward:
+    """Which probes' forward runs compiled: set in the graph, read by the activations in it
+    (a module-level object, so the compiler finds it by a plain global name)."""
+
+    probes: Probes | None = None
+
+
+_COMPILED = _CompiledForward()
 
 
 def _patcher() -> _Patcher:
@@ -413,6 +446,36 @@ class _AtenMode(TorchFunctionMode):
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, Probes] = weakref.WeakKeyDictionary()
 _SKIP = object()  # a call site seen before that has nothing to measure
 
+#: Why a compiled model's activations are not counted, when they are not.
+FULLGRAPH_REASON = (
+    "it was compiled with fullgraph=True, and reludoctor runs a watched model's first forward "
+    "uncompiled (to find its activations, a graph break the compiler refuses there); watch "
+    "the model before torch.compile and run one forward (or training step) before compiling "
+    "with fullgraph=True, or compile without it"
+)
+FIRST_FORWARD_REASON = (
+    "reludoctor runs a watched model's first training forward uncompiled, to find its "
+    "activations, and fullgraph=True forbids that: run one training step before "
+    "torch.compile(..., fullgraph=True), or compile without fullgraph"
+)
+PLAN_GAP_REASON = (
+    "its compiled forwards ran activations in another order than its first forward (a "
+    "different path through the model): from there on its compiled forwards were not counted"
+)
+CHECKPOINT_REASON = (
+    "an activation of it runs inside torch.utils.checkpoint, where reludoctor cannot count "
+    "in a compiled graph: its compiled forwards were not counted (its uncompiled ones are)"
+)
+BACKEND_REASON = (
+    "it ran compiled, and the compiler's backend dropped the counts reludoctor puts in the "
+    "graph: its compiled forwards were not counted; watch it with the inductor (default), "
+    "aot_eager or eager backend"
+)
+EXPORTED_REASON = (
+    "it is a torch.export graph run under torch.compile, whose activations reludoctor does "
+    "not count; watch it uncompiled"
+)
+
 
 class Probes:
     """Installs and removes everything that watches one model; refuses to attach twice.
@@ -421,6 +484,8 @@ class Probes:
     """
 
     def __init__(self, model: nn.Module, sink: Sink, count_eval: bool = False) -> None:
+        wrapper = model
+        model = compiled_module(model)
         if model in _WATCHED:
             raise RuntimeError(
                 f"this {type(model).__name__} is already watched by reludoctor; close the first "
@@ -446,11 +511,26 @@ class Probes:
         self._names: set[str] = set()
         self._aten_mode: _AtenMode | None = None
         self._holds_functional = False
-        #: Whether a forward of the model was traced by ``torch.compile`` (it then runs a
-        #: compiled graph, inside which nothing is counted).
+        #: Whether a forward of the model was traced by ``torch.compile``.
         self.ran_compiled = False
+        #: The activation calls of the first counted forward, in order: (wrapped function's
+        #: kind, layer). A compiled forward finds each call's layer by its place in this
+        #: list (no Python frame to look at while tracing). ``recording`` is it being made.
+        self.plan: list[tuple[str, Any]] | None = None
+        self.recording: list[tuple[str, Any]] | None = None
+        #: In a compiled forward: calls of the plan seen so far, and whether an activation's
+        #: own function runs (its inner calls are the same activation).
+        self.ordinal = 0
+        self.inside = False
+        #: Why some of the compiled forwards' activations are not counted, or None.
+        self.compiled_gap: str | None = None
+        #: Whether a compiled forward ran with its activations' counts in its graph.
+        self.counted_compiled = False
+        self._holds_for_compile = False
         #: Modules whose activations cannot be seen, and why: (qualified name, reason).
         self.unwatched: list[tuple[str, str]] = _scripted_activations(model)
+        #: Whether the model is compiled already (its wrapper, or compiled in place).
+        self.compiled_before = is_compiled(wrapper) or is_compiled(model)
         self._aten_nodes: list[Any] | None = None
         self._installed = False
         if isinstance(model, torch.jit.ScriptModule):
@@ -462,12 +542,12 @@ class Probes:
                 stacklevel=4,
             )
             return
-        if is_compiled(model):  # nothing installed: no recompilation, no code in its graph
+        if compiled_fullgraph(wrapper) or compiled_fullgraph(model):  # no uncompiled forward
             self.ran_compiled = True
+            self.compiled_gap = FULLGRAPH_REASON
             warnings.warn(
-                f"reludoctor does not count inside torch.compile graphs yet: "
-                f"{printable(self.root_name)} trains untouched and its report says so; watch "
-                "it uncompiled to judge it",
+                f"reludoctor cannot watch {printable(self.root_name)}: {FULLGRAPH_REASON}. It "
+                "trains untouched and its report says so",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -479,39 +559,171 @@ class Probes:
         self._own_forward = model.__dict__.get("forward")
         inner = self._own_forward or types.MethodType(type(model).forward, model)
         probes = self
-        sink = self.sink
 
         def watched_forward(self_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if self_model is not probes.model:  # a copy of the watched model: run its own
                 return type(self_model).forward(self_model, *args, **kwargs)
-            if is_compiling():  # traced by torch.compile: nothing of reludoctor's in the graph
-                probes.ran_compiled = True
-                return inner(*args, **kwargs)
-            probes.enter()
-            try:
-                outermost = probes.counting and probes.depth == 1
-                if outermost:
-                    try:
-                        if sink.wants_model_input():
-                            first = args[0] if args else next(iter(kwargs.values()), None)
-                            sink.observe_model_input(first)
-                    except Exception as error:  # reludoctor's own: never the user's
-                        sink.fail(error)
-                out = inner(*args, **kwargs)
-                if outermost and sink.sampling and sink.failure is None:
-                    try:
-                        sink.observe_model_output(out)
-                    except Exception as error:
-                        sink.fail(error)
-                return out
-            finally:
-                probes.leave()
+            if is_compiling():
+                return probes.traced_forward(inner, args, kwargs)
+            return probes.eager_forward(inner, args, kwargs)
+
+        def first_forward(self_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if self_model is not probes.model:
+                return type(self_model).forward(self_model, *args, **kwargs)
+            out = probes.eager_forward(inner, args, kwargs)
+            if probes.plan is not None and model.__dict__.get("forward") is self._forward:
+                probes.hold_functional()
+                self._forward = types.MethodType(watched_forward, model)
+                model.forward = self._forward  # type: ignore[method-assign]
+            return out
 
         with patcher.lock:
             patcher.tensor.acquire()
-        model.forward = types.MethodType(watched_forward, model)  # type: ignore[method-assign]
+        # torch.compile keeps its variants of a function per code object (8 at most by
+        # default): each watched model gets code of its own, so several compiled models never
+        # crowd each other out.
+        watched_forward = _own_code(watched_forward)
+        self.traced_forward = types.MethodType(_own_code(Probes.traced_forward), self)  # type: ignore[method-assign]
+        # Until the first counted forward has found the activations, the forward runs
+        # uncompiled even in a compiled model (torch.compile skips it); then it is replaced
+        # (the compiler's guard on it sees that, and compiles the counting forward).
+        self._forward = types.MethodType(_uncompiled(first_forward), model)
+        model.forward = self._forward  # type: ignore[method-assign]
         _WATCHED[model] = self
         self._installed = True
+
+    # -- the forward, uncompiled and compiled ---------------------------------------------
+    def eager_forward(self, inner: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """The watched forward run by Python: probes find and count each activation."""
+        sink = self.sink
+        self.enter()
+        try:
+            outermost = self.counting and self.depth == 1
+            if outermost:
+                try:
+                    if sink.wants_model_input():
+                        first = args[0] if args else next(iter(kwargs.values()), None)
+                        sink.observe_model_input(first)
+                except Exception as error:  # reludoctor's own: never the user's
+                    sink.fail(error)
+            out = inner(*args, **kwargs)
+            if outermost and self.recording is not None:
+                self.plan, self.recording = self.recording, None
+            if outermost and sink.sampling and sink.failure is None:
+                try:
+                    sink.observe_model_output(out)
+                except Exception as error:
+                    sink.fail(error)
+            return out
+        finally:
+            self.leave()
+
+    def traced_forward(self, inner: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """The watched forward as ``torch.compile`` traces it: each activation's counts
+        become part of the graph (see :meth:`traced_activation`).
+
+        The first counted forward has run uncompiled (the forward installed until then is
+        one ``torch.compile`` skips): it found the activations, their names and producers,
+        which tracing cannot. What is read here is guarded by the compiler: a change (a
+        sampled step, watching stopped) selects another compiled variant, two while counting.
+        """
+        self.ran_compiled = True
+        sink = self.sink
+        if self._aten_nodes:
+            self.compiled_gap = EXPORTED_REASON
+        if (
+            not (self.model.training or self.count_eval)
+            or sink.failure is not None
+            or self.compiled_gap is not None
+        ):
+            return inner(*args, **kwargs)
+        if self.plan is None:  # counting was off in the first forward (a failure of its own)
+            return inner(*args, **kwargs)
+        _COMPILED.probes = self
+        self.counted_compiled = True
+        self.ordinal = 0
+        self.inside = False
+        out = inner(*args, **kwargs)
+        _COMPILED.probes = None
+        if sink.sampling:
+            sink.observe_traced_model_output(out)
+        return out
+
+    def record(self, kind: str, layer: Any, frame: Any) -> None:
+        """Add an activation call of the first counted forward to the plan."""
+        assert self.recording is not None
+        self.recording.append((kind, layer))
+        if self.compiled_gap is None and _under_checkpoint(frame):
+            self.compiled_gap = CHECKPOINT_REASON
+
+    def _planned(self, kind: str, x: Any) -> Any:
+        """The layer of the next activation call of a compiled forward (``_SKIP``: not one to
+        count, None: not the call the plan expects)."""
+        if self.inside or not isinstance(x, torch.Tensor):
+            return _SKIP
+        plan = self.plan or []
+        n = self.ordinal
+        self.ordinal = n + 1
+        if n >= len(plan) or plan[n][0] != kind:
+            self.compiled_gap = PLAN_GAP_REASON
+            return None
+        return plan[n][1]
+
+    def traced_activation(
+        self, original: Callable[..., Any], kind: str, args: Any, kwargs: Any
+    ) -> Any:
+        """An activation call as ``torch.compile`` traces it: the counts of its plan entry
+        computed in the graph, beside the activation itself."""
+        x = args[0] if args else kwargs.get("input")
+        layer = self._planned(kind, x)
+        if layer is None or layer is _SKIP:
+            return original(*args, **kwargs)
+        sink = self.sink
+        self.inside = True
+        sink.observe_traced_input(layer, x)
+        out = original(*args, **kwargs)
+        if sink.sampling:
+            sink.observe_traced_output(layer, out)
+        self.inside = False
+        return out
+
+    def eager_activation(
+        self, original: Callable[..., Any], kind: str, args: Any, kwargs: Any
+    ) -> Any:
+        """An activation call run by Python inside a compiled forward (where the user's code
+        breaks the graph): counted as in an uncompiled forward, found by its place."""
+        x = args[0] if args else kwargs.get("input")
+        sink = self.sink
+        if sink.failure is not None or isinstance(x, _COMPILER_TENSORS):
+            return original(*args, **kwargs)
+        try:
+            layer = self._planned(kind, x)
+            if layer is not None and layer is not _SKIP:
+                sink.observe_input(layer, x)
+        except Exception as error:  # reludoctor's own: never the user's forward's
+            sink.fail(error)
+            return original(*args, **kwargs)
+        if layer is None or layer is _SKIP:
+            return original(*args, **kwargs)
+        self.inside = True
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self.inside = False
+        if sink.sampling:
+            try:
+                sink.observe_output(layer, out)
+            except Exception as error:
+                sink.fail(error)
+        return out
+
+    def hold_functional(self) -> None:
+        """Keep the functional wrappers in place while the model is watched: a compiled
+        graph checks at each call that the functions it traced are still there."""
+        if not self._holds_for_compile:
+            with self.patcher.lock:
+                self.patcher.functional.acquire()
+            self._holds_for_compile = True
 
     # -- lifetime -------------------------------------------------------------------------
     def remove(self) -> None:
@@ -520,6 +732,12 @@ class Probes:
         if self.counting:
             self.depth = 0
             self._stop_counting()
+        if self._holds_for_compile:
+            self._holds_for_compile = False
+            with self.patcher.lock:
+                self.patcher.functional.release()
+        if _COMPILED.probes is self:
+            _COMPILED.probes = None
         if not self._installed:
             return
         self._installed = False
@@ -546,6 +764,9 @@ class Probes:
         self.counting = True
         self.occurrences.clear()
         patcher = self.patcher
+        _COMPILED.probes = None  # left set only by a compiled forward that raised
+        if self.plan is None:
+            self.recording = []
         try:
             if self.discovering:
                 self._start_discovery()
@@ -571,6 +792,7 @@ class Probes:
     def _stop_counting(self) -> None:
         """Release exactly what counting holds: every global patch stays balanced."""
         self.counting = False
+        self.recording = None  # a forward that raised leaves no plan
         if self._aten_mode is not None:
             mode, self._aten_mode = self._aten_mode, None
             mode.__exit__(None, None, None)
@@ -766,6 +988,61 @@ def model_name(model: nn.Module) -> str:
 
 #: Names of the ATen operators of rectifier-family activations ("aten::relu" ...).
 _ATEN_NAMES = frozenset(op.name() for op in ATEN_TARGETS)
+
+
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+
+
+def _under_checkpoint(frame: Any) -> bool:
+    """Whether ``frame`` runs inside ``torch.utils.checkpoint`` (looked at once per call site,
+    in the first counted forward)."""
+    for _ in range(64):
+        if frame is None:
+            return False
+        if frame.f_code.co_filename == _CHECKPOINT_FILE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _uncompiled(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, which ``torch.compile`` runs as Python (saying why under fullgraph)."""
+    try:
+        return torch.compiler.disable(function, reason=FIRST_FORWARD_REASON)
+    except TypeError:  # torch before 2.6 takes no reason
+        return torch.compiler.disable(function)
+
+
+def _own_code(function: types.FunctionType) -> types.FunctionType:
+    """A copy of ``function`` with a code object of its own."""
+    copy = types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__qualname__ = function.__qualname__
+    return copy
+
+
+def compiled_module(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile``'s wrapper compiles (``model`` itself otherwise)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def compiled_fullgraph(model: nn.Module) -> bool:
+    """Whether ``model`` is compiled (its wrapper, or in place) with ``fullgraph=True``."""
+    contexts = [getattr(model, "dynamo_ctx", None)]
+    call = getattr(model, "_compiled_call_impl", None)
+    for cell in getattr(call, "__closure__", None) or ():
+        try:
+            contexts.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    return any(getattr(c, "fullgraph", False) is True for c in contexts)
 
 
 def is_compiled(model: nn.Module) -> bool:

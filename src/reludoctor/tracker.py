@@ -78,6 +78,12 @@ COUNTERS: tuple[Counter, ...] = (
     # calls in which the unit saw a NaN or +inf pre-activation, and the first step with one
     Counter("nonfinite", True, torch.float32, 0.0, "sum"),
     Counter("nonfinite_first", False, torch.float32, math.inf, "min"),
+    # Values and samples counted inside a torch.compile graph, where a Python counter cannot
+    # be updated (a value read there is guarded: it would recompile at every step). They are
+    # added to the host counters of the same name (without "graph_") in each snapshot.
+    Counter("graph_positions", False, torch.float64, 0.0, "sum"),
+    Counter("graph_rows", False, torch.float64, 0.0, "sum"),
+    Counter("graph_sampled_positions", False, torch.float64, 0.0, "sum"),
 )
 #: Host-side integers: shapes are known on the host, so counting them needs no sync.
 HOST_COUNTERS = (
@@ -134,10 +140,33 @@ class Slab:
         return self.empty(shape, dtype).fill_(value)
 
 
+class StepMarks:
+    """The running step (1-based) as a one-element tensor per device: what a compiled graph
+    reads to date an event (a Python number would be guarded and recompile each step)."""
+
+    def __init__(self) -> None:
+        self._marks: dict[torch.device, torch.Tensor] = {}
+        self._step = 1
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        mark = self._marks.get(device)
+        if mark is None:
+            with torch.inference_mode(False):
+                mark = torch.full((1,), float(self._step), device=device)
+            self._marks[device] = mark
+        return mark
+
+    def advance(self, step: int) -> None:
+        """Steps before ``step`` have ended."""
+        self._step = step
+        for mark in self._marks.values():
+            mark.fill_(float(step))
+
+
 class LayerState:
     """Counters of one activation call site, on the device its inputs live on."""
 
-    def __init__(self, site: Site, x: torch.Tensor, slab: Slab) -> None:
+    def __init__(self, site: Site, x: torch.Tensor, slab: Slab, step_marks: StepMarks) -> None:
         self.site = site
         self.slab = slab
         self.rank = x.dim()
@@ -161,13 +190,18 @@ class LayerState:
         self._index_buffer: torch.Tensor | None = None
         self._value_index: torch.Tensor | None = None
         self._indexed: torch.Size | None = None
+        # One-element rather than 0-d tensors: torch.compile reads a 0-d CPU tensor as a
+        # Python number, and the graph's updates to it would be lost.
         self.tensors = {
-            c.name: slab.full((self.units,) if c.per_unit else (), c.initial, c.dtype)
+            c.name: slab.full((self.units,) if c.per_unit else (1,), c.initial, c.dtype)
             for c in COUNTERS
         }
+        self.step_marks = step_marks
         self.to(x.device)
         self.reset_host()
         self.last: Snapshot | None = None
+        #: Whether a compiled graph has counted this layer's inputs (seen in a snapshot).
+        self.graph_counted = False
         self.warned_shape = False
         self.saved_rows: torch.Tensor | None = None  # weight rows before the optimizer step
         self.start = _start_stats(self, x)
@@ -202,6 +236,11 @@ class LayerState:
         self.update_ratio = self.tensors["update_ratio"]
         self.nonfinite = self.tensors["nonfinite"]
         self.nonfinite_first = self.tensors["nonfinite_first"]
+        self.graph_positions = self.tensors["graph_positions"]
+        self.graph_rows = self.tensors["graph_rows"]
+        self.graph_sampled_positions = self.tensors["graph_sampled_positions"]
+        #: The running step (1-based), on this layer's device, for counts taken in a graph.
+        self.step_mark = self.step_marks.on(device)
 
     def reset_host(self) -> None:
         self.positions = 0
@@ -253,10 +292,14 @@ class LayerState:
     def snapshot(self) -> Snapshot:
         """Host copy of every counter (one read per tensor)."""
         self.fold()
-        snap: Snapshot = {
-            c.name: self.tensors[c.name].detach().cpu().numpy().copy() for c in COUNTERS
-        }
+        snap: Snapshot = {}
+        for c in COUNTERS:
+            value = self.tensors[c.name].detach().cpu().numpy().copy()
+            snap[c.name] = value if c.per_unit else value.reshape(())
         snap.update({name: getattr(self, name) for name in HOST_COUNTERS})
+        for name in ("positions", "rows", "sampled_positions"):
+            snap[name] += int(snap[f"graph_{name}"])
+        self.graph_counted = self.graph_counted or snap["graph_positions"] > 0
         snap["values"] = None if self.values is None else self.values.cpu().numpy().copy()
         return snap
 
@@ -436,10 +479,11 @@ class Tracker(Sink):
         self.inputs = InputStats()
         self.example_input: torch.Tensor | None = None
         self._slab = Slab()
+        self._step_marks = StepMarks()
         self._scratch = threading.local()  # per thread: a CPU buffer reused for elementwise work
         self._saved: list[LayerState] = []
+        #: Sum of the sampled outputs' spreads, and how many (on the outputs' device).
         self._output_spread: torch.Tensor | None = None
-        self._output_samples = 0
         #: Per layer, the window just closed: pre-activation values of its last sampled step
         #: and each unit's gradient norm (None where not measured), for histograms.
         self.window_values: dict[str, dict[str, np.ndarray | None]] = {}
@@ -464,7 +508,7 @@ class Tracker(Sink):
         if not x.is_floating_point() or (x.dim() and x.shape[site.unit_dim] == 0):
             return None
         with torch.inference_mode(False):  # counters made in an inference-mode forward
-            layer = LayerState(site, x, self._slab)
+            layer = LayerState(site, x, self._slab, self._step_marks)
         self.layers.append(layer)
         if self.sampling:
             self._arm(layer)
@@ -572,25 +616,74 @@ class Tracker(Sink):
 
     def observe_model_output(self, out: Any) -> None:
         """Spread of the outputs across the batch, relative to their size (identical: ~0)."""
-        if isinstance(out, (tuple, list)):
-            out = next((o for o in out if isinstance(o, torch.Tensor)), None)
-        elif isinstance(out, dict):
-            out = next((o for o in out.values() if isinstance(o, torch.Tensor)), None)
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 1:
+        out = _first_output(out)
+        if out is None:
             return
-        if out.shape[0] < 2 or out.numel() == 0:
-            return
+        if self._output_spread is None or self._output_spread.device != out.device:
+            with torch.inference_mode(False):
+                self._output_spread = torch.zeros(2, device=out.device)
+        self._add_spread(out)
+
+    def _add_spread(self, out: torch.Tensor) -> None:
         with torch.no_grad():
             o = out.detach().float().reshape(out.shape[0], -1)
             # the per-column std written out: torch's std over dim 0 is ~3x slower on CPU
-            std = (o - o.mean(0)).square_().mean(0).sqrt_()
+            std = (o - o.mean(0)).square().mean(0).sqrt()
             spread = std.mean() / (o.square().mean().sqrt() + 1e-12)
-            if self._output_spread is None or self._output_spread.device != spread.device:
-                with torch.inference_mode(False):
-                    self._output_spread = torch.zeros((), device=spread.device)
-                self._output_samples = 0
-            self._output_spread += spread
-        self._output_samples += 1
+            self._output_spread.add_(torch.stack([spread, torch.ones_like(spread)]))
+
+    # -- inside a torch.compile graph -----------------------------------------------------
+    # What follows is traced into the user's compiled graph: tensor operations on tensors
+    # made beforehand, and nothing else. A Python value read here would be guarded (a new
+    # compilation whenever it changes), a value read back from a tensor would break the graph.
+
+    def observe_traced_input(self, layer: LayerState, x: torch.Tensor) -> None:
+        """:meth:`observe_input` in a compiled graph: the same counts, fused by the compiler
+        with the activation (a call of another shape or device is not counted)."""
+        x = _traced_match(layer, x)
+        if x is None or x.numel() == 0:
+            return
+        x = x.detach()
+        maxima = _per_unit(layer, x, torch.amax)
+        bad = torch.isnan(maxima) | torch.isposinf(maxima)
+        layer.nonfinite.add_(bad)
+        when = torch.where(bad.any(), layer.step_mark, math.inf)
+        layer.nonfinite_first.copy_(torch.minimum(layer.nonfinite_first, when))
+        finite = _per_unit(layer, _finite_or_neginf(x), torch.amax)
+        layer.max_pre.copy_(torch.maximum(layer.max_pre, finite))
+        layer.graph_positions.add_(x.numel() // layer.units)
+        layer.graph_rows.add_(x.shape[0] if layer.rank >= 2 else 1)
+        if not self.sampling:
+            return
+        if layer.values is not None and layer._indexed == x.shape:
+            layer.values.copy_(x.reshape(-1)[layer._value_index])
+        if layer.site.kind not in NON_NEGATIVE:
+            head = _leading_samples(layer, x)
+            positive = torch.nan_to_num(head.clamp_min(0), nan=0.0, posinf=0.0).sign()
+            layer.fire_count.add_(_per_unit(layer, positive, _sum32))
+
+    def observe_traced_output(self, layer: LayerState, out: torch.Tensor) -> None:
+        """:meth:`observe_output` in a compiled graph (on sampled steps)."""
+        out = _traced_match(layer, out)
+        if out is None or out.numel() == 0:
+            return
+        head = _leading_samples(layer, out.detach())
+        layer.graph_sampled_positions.add_(head.numel() // layer.units)
+        if layer.site.kind in NON_NEGATIVE:
+            finite = torch.nan_to_num(head, nan=0.0, posinf=0.0)
+            layer.abs_sum.add_(_per_unit(layer, finite, _sum32))
+            layer.fire_count.add_(_per_unit(layer, finite.sign(), _sum32))
+        else:
+            magnitude = torch.nan_to_num(head.abs(), nan=0.0, posinf=0.0)
+            layer.abs_sum.add_(_per_unit(layer, magnitude, _sum32))
+
+    def observe_traced_model_output(self, out: Any) -> None:
+        """:meth:`observe_model_output` in a compiled graph (once an uncompiled forward has
+        made its counter)."""
+        out = _first_output(out)
+        spread = self._output_spread
+        if out is not None and spread is not None and spread.device == out.device:
+            self._add_spread(out)
 
     # -- gradients: hooks armed only for sampled steps ------------------------------------
     def _arm(self, layer: LayerState) -> None:
@@ -664,6 +757,7 @@ class Tracker(Sink):
         if loss is not None:
             self.record_loss(loss)
         self.steps = steps = self.steps + 1
+        self._step_marks.advance(steps + 1)
         if self._saved:
             try:
                 self._measure_updates()
@@ -716,8 +810,9 @@ class Tracker(Sink):
 
     def _window(self, snapshots: list[Snapshot], complete: bool) -> Window:
         spread = None
-        if self._output_spread is not None and self._output_samples:
-            spread = _finite(float(self._output_spread) / self._output_samples)
+        total, samples = (0.0, 0) if self._output_spread is None else self._output_spread.tolist()
+        if samples:
+            spread = _finite(total / samples)
         return Window(
             index=len(self.windows),
             start_step=self.window_start,
@@ -749,7 +844,6 @@ class Tracker(Sink):
         self._reset_loss()
         if self._output_spread is not None:
             self._output_spread.zero_()
-            self._output_samples = 0
         for callback in self.on_window:
             callback(window)
         return window
@@ -761,6 +855,12 @@ class Tracker(Sink):
             return
         snapshots = [layer.snapshot() for layer in self.layers]
         self._settled = (self.steps, self.combine(snapshots, self.steps))
+
+    def counted_in_graph(self) -> bool:
+        """Whether a compiled graph has counted any layer's inputs (reads the device)."""
+        return any(
+            layer.graph_counted or float(layer.graph_positions.sum()) > 0 for layer in self.layers
+        )
 
     def open_window(self) -> tuple[Window | None, list[Snapshot]]:
         """The window still open (None when it has seen nothing) and its snapshots."""
@@ -835,6 +935,32 @@ class Tracker(Sink):
                 )
             )
         return reports
+
+
+def _first_output(out: Any) -> torch.Tensor | None:
+    """The first tensor a forward returned, when it can show a spread across the batch."""
+    if isinstance(out, (tuple, list)):
+        out = next((o for o in out if isinstance(o, torch.Tensor)), None)
+    elif isinstance(out, dict):
+        out = next((o for o in out.values() if isinstance(o, torch.Tensor)), None)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 1:
+        return None
+    if out.shape[0] < 2 or out.numel() == 0:
+        return None
+    return out
+
+
+def _traced_match(layer: LayerState, x: torch.Tensor) -> torch.Tensor | None:
+    """:meth:`LayerState.matching` for a traced tensor (shapes known while tracing): ``x``,
+    its reshaping to the producer's units when the activation ran on a view, or None."""
+    if x.device != layer.device:
+        return None
+    if layer._shaped_like(x):
+        return x
+    viewed = layer._viewed
+    if layer.site.follows_base and viewed is not None and viewed[0] == x.shape:
+        return x.reshape(viewed[1])
+    return None
 
 
 def _unit_stats(snap: Snapshot, dormancy_threshold: float) -> dict[str, Any]:

@@ -168,6 +168,7 @@ def _header(report: Report) -> str:
     meta = report.meta
     facts = [
         f"model {_e(meta.get('model', '?'))}",
+        "ran under torch.compile" if meta.get("compiled") is True else None,
         f"{_e(meta['steps'])} steps" if "steps" in meta else None,
         f"{len(report.windows)} windows of {_e(meta['window'])} steps"
         if "window" in meta
