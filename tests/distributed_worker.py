@@ -45,7 +45,9 @@ def data(rank: int, step: int) -> torch.Tensor:
     return x
 
 
-def train(rank: int, world_size: int, port: int, out: str, die_rank: int, ddp: bool) -> None:
+def train(
+    rank: int, world_size: int, port: int, out: str, die_rank: int, ddp: bool, compiled: bool
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     net = model()
@@ -56,11 +58,12 @@ def train(rank: int, world_size: int, port: int, out: str, die_rank: int, ddp: b
     # start training together, and the timeout leaves a margin for the rest of the skew
     timeout = 10.0
     with rd.watch(trained, window=WINDOW, log_dir=out_dir / "tb", rank_timeout=timeout) as doc:
+        call = torch.compile(trained, backend="aot_eager") if compiled else trained
         dist.barrier()
         for step in range(STEPS):
             if rank == die_rank and step == WINDOW + 2:
                 os._exit(0)  # dies mid-run, after the first window
-            loss = trained(data(rank, step)).pow(2).mean()
+            loss = call(data(rank, step)).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -171,6 +171,14 @@ def test_a_conv_net_with_batch_norm_counts_exactly_with_dynamic_shapes():
     assert "ran under torch.compile" not in render_html(expected)
 
 
+def test_reduce_overhead_mode_counts_exactly_as_uncompiled():
+    batches = [torch.randn(16, 4) for _ in range(6)]
+    expected = run("uncompiled", Net, batches)[1]
+    losses, report, twin_losses = run(ORDERS[1], Net, batches, mode="reduce-overhead")
+    assert losses == pytest.approx(twin_losses, rel=1e-5)
+    assert_same_counts(report, expected)
+
+
 def test_autocast_bfloat16_counts_exactly_as_uncompiled():
     batches = [torch.randn(4, 3, 8, 8) for _ in range(5)]
 
@@ -190,6 +198,50 @@ def test_autocast_bfloat16_counts_exactly_as_uncompiled():
 
     report, expected = bf16(ORDERS[0]), bf16("uncompiled")
     assert_same_counts(report, expected)
+    assert report.layer("conv2:relu").dead_units == [2, 5]
+
+
+def train_mixed(
+    scaler: torch.amp.GradScaler | None, compiled: bool, loss_factor: float = 1.0
+) -> rd.Report:
+    """ConvNet trained 6 steps under bf16 autocast, with ``scaler`` (given to the monitor),
+    the loss multiplied by ``loss_factor``."""
+    model = ConvNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    doc = rd.watch(model, window=4, sample_every=1, optimizer=optimizer, scaler=scaler)
+    call = torch.compile(model, backend="aot_eager") if compiled else model
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = call(torch.randn(4, 3, 8, 8, generator=generator))
+            loss = out.float().square().mean() * loss_factor
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        doc.step(loss)
+    doc.close()
+    return doc.report()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_grad_scaler_s_gradients_are_measured_unscaled(compiled):
+    plain = train_mixed(None, compiled=False)
+    scaled = train_mixed(torch.amp.GradScaler("cpu", init_scale=2.0**16), compiled)
+    assert_same_counts(scaled, plain)
+    for layer, twin in zip(scaled.layers, plain.layers, strict=True):
+        assert layer.grad_norm == pytest.approx(twin.grad_norm, rel=1e-3)
+
+
+def test_steps_a_grad_scaler_skips_for_overflow_leave_the_gradients_finite():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+    report = train_mixed(scaler, compiled=False, loss_factor=1e3)
+    assert scaler.get_scale() < 2.0**127  # it did skip steps
+    assert all(layer.grad_norm is not None for layer in report.layers)
     assert report.layer("conv2:relu").dead_units == [2, 5]
 
 
@@ -254,16 +306,12 @@ def test_activation_checkpointing_is_counted_once_uncompiled():
     assert_same_counts(report, plain)  # the forward recomputed in backward is not counted
 
 
-def test_activation_checkpointing_under_compile_trains_untouched_and_says_it_was_not_counted():
-    batches = [torch.randn(4, 3, 8, 8) for _ in range(4)]
-    model = ConvNet(checkpointed=True)
-    call, doc = watched(ORDERS[0], model, batches)
-    losses = train(call, doc, 4, lambda s: batches[s], lr=0.1)
-    doc.close()
-    twin = torch.compile(ConvNet(checkpointed=True))
-    assert losses == train(twin, None, 4, lambda s: batches[s], lr=0.1)
-    finding = next(f for f in doc.report().findings if f.code == "unwatched_activations")
-    assert "torch.utils.checkpoint" in finding.message and finding.severity == "error"
+def test_activation_checkpointing_under_compile_counts_exactly_and_never_twice():
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(5)]
+    plain = run("uncompiled", ConvNet, batches)[1]
+    losses, report, twin_losses = run(ORDERS[0], lambda: ConvNet(checkpointed=True), batches)
+    assert losses == pytest.approx(twin_losses, rel=1e-5)
+    assert_same_counts(report, plain)
 
 
 def test_a_model_compiled_with_fullgraph_before_watching_is_left_untouched_and_said():

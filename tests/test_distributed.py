@@ -16,10 +16,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run(tmp_path, *, die_rank: int = -1, ddp: bool = True) -> list[dict]:
+def run(tmp_path, *, die_rank: int = -1, ddp: bool = True, compiled: bool = False) -> list[dict]:
     mp.start_processes(
         train,
-        args=(2, free_port(), str(tmp_path), die_rank, ddp),
+        args=(2, free_port(), str(tmp_path), die_rank, ddp, compiled),
         nprocs=2,
         start_method="spawn",
         join=True,
@@ -33,9 +33,12 @@ def fc(report_or_window: dict) -> dict:
     return layer
 
 
-def test_a_unit_alive_on_any_rank_is_alive_and_only_rank_0_writes(tmp_path):
-    rank0, rank1 = run(tmp_path)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_unit_alive_on_any_rank_is_alive_and_only_rank_0_writes(tmp_path, compiled):
+    rank0, rank1 = run(tmp_path, compiled=compiled)
     for report in (rank0, rank1):  # both ranks hold the combined counts
+        assert report["meta"]["compiled"] is compiled
+        assert "unwatched_activations" not in {f["code"] for f in report["findings"]}
         assert fc(report)["dead_units"] == [PLANTED_DEAD]
         assert fc(report)["name"] == "module.1"
         assert report["meta"]["ranks"] == {"world_size": 2, "rank": report["meta"]["ranks"]["rank"]}

@@ -91,6 +91,7 @@ class Monitor:
         rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
         log_dir: str | os.PathLike[str] | None = None,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
+        scaler: Any = None,
     ) -> None:
         wrapper = _require_module(model, "rd.watch")
         #: The model watched (the module a ``torch.compile`` wrapper compiles).
@@ -114,6 +115,8 @@ class Monitor:
             unit_detail_limit=unit_detail_limit,
         )
         self.tracker.learning_rate = self._learning_rate
+        self.scaler = scaler
+        self.tracker.gradient_scale = self._gradient_scale
         self.rank, world_size = world()
         #: Under ``torch.distributed``, what combines the ranks' counts at each window's end.
         self.ranks: RankCombiner | None = None
@@ -157,19 +160,26 @@ class Monitor:
 
     # -- the training loop's side ---------------------------------------------------------
     def step(
-        self, loss: torch.Tensor | float | None = None, *, optimizer: Any = None
+        self,
+        loss: torch.Tensor | float | None = None,
+        *,
+        optimizer: Any = None,
+        scaler: Any = None,
     ) -> Window | None:
         """Mark the end of a training step; closes a window every ``window`` steps.
 
         Cheap: no value is read back from the device except when a window closes.
         ``optimizer`` (once is enough) lets the diagnosis read its type and learning rates,
-        as ``rd.watch(optimizer=...)`` does. Returns the window it closed, or None.
+        as ``rd.watch(optimizer=...)`` does; ``scaler`` (once is enough) is the loop's
+        ``torch.amp.GradScaler``, as for ``rd.watch``. Returns the window it closed, or None.
 
         A ``loss`` that is not a scalar raises ``ValueError``; an error of reludoctor's own
         never does: watching stops (with a warning) and the report says from which step.
         """
         if optimizer is not None:
             self.optimizer = optimizer
+        if scaler is not None:
+            self.scaler = scaler
         if loss is not None:
             self.tracker.record_loss(loss)
         try:
@@ -177,6 +187,14 @@ class Monitor:
         except Exception as error:  # reludoctor's own: never the training loop's
             self.tracker.fail(error, step=self.tracker.steps)
             return None
+
+    def _gradient_scale(self) -> torch.Tensor | None:
+        """The factor the loop's ``GradScaler`` multiplies gradients by (on their device, no
+        read-back), or None without one."""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler._get_scale_async()
 
     def _learning_rate(self) -> float | None:
         facts = read_optimizer_facts(self.optimizer) if self.optimizer is not None else None
@@ -415,6 +433,7 @@ def watch(
     rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
     log_dir: str | os.PathLike[str] | None = None,
     rank_timeout: float = DEFAULT_RANK_TIMEOUT,
+    scaler: Any = None,
 ) -> Monitor:
     """Watch every ReLU-family activation of ``model`` while it trains.
 
@@ -454,6 +473,10 @@ def watch(
             so every rank must call ``watch`` and ``close``; a rank that does not arrive
             within this many seconds is named missing and the others go on with their own
             counts. See :mod:`reludoctor.distributed`.
+        scaler: the loop's ``torch.amp.GradScaler`` (mixed precision), so gradients are
+            measured unscaled (also accepted by ``doc.step``). A step it skips for overflow
+            changes no weight: its update ratio is 0, and its gradients' non-finite rows are
+            not counted.
 
     Example:
         >>> import torch, reludoctor as rd
@@ -480,4 +503,5 @@ def watch(
         rewind_lr_factor=rewind_lr_factor,
         log_dir=log_dir,
         rank_timeout=rank_timeout,
+        scaler=scaler,
     )

@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
@@ -343,7 +342,7 @@ class _Patcher:
                 else:
                     layer = probes.functional_layer(frame, kind, x)
                 if probes.recording is not None:
-                    probes.record(kind, layer, frame)
+                    probes.recording.append((kind, layer))
                 if layer is not _SKIP:
                     sink.observe_input(layer, x)
             except Exception as error:  # reludoctor's own: never the user's forward's
@@ -461,10 +460,6 @@ FIRST_FORWARD_REASON = (
 PLAN_GAP_REASON = (
     "its compiled forwards ran activations in another order than its first forward (a "
     "different path through the model): from there on its compiled forwards were not counted"
-)
-CHECKPOINT_REASON = (
-    "an activation of it runs inside torch.utils.checkpoint, where reludoctor cannot count "
-    "in a compiled graph: its compiled forwards were not counted (its uncompiled ones are)"
 )
 BACKEND_REASON = (
     "it ran compiled, and the compiler's backend dropped the counts reludoctor puts in the "
@@ -648,13 +643,6 @@ class Probes:
         if sink.sampling:
             sink.observe_traced_model_output(out)
         return out
-
-    def record(self, kind: str, layer: Any, frame: Any) -> None:
-        """Add an activation call of the first counted forward to the plan."""
-        assert self.recording is not None
-        self.recording.append((kind, layer))
-        if self.compiled_gap is None and _under_checkpoint(frame):
-            self.compiled_gap = CHECKPOINT_REASON
 
     def _planned(self, kind: str, x: Any) -> Any:
         """The layer of the next activation call of a compiled forward (``_SKIP``: not one to
@@ -988,21 +976,6 @@ def model_name(model: nn.Module) -> str:
 
 #: Names of the ATen operators of rectifier-family activations ("aten::relu" ...).
 _ATEN_NAMES = frozenset(op.name() for op in ATEN_TARGETS)
-
-
-_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
-
-
-def _under_checkpoint(frame: Any) -> bool:
-    """Whether ``frame`` runs inside ``torch.utils.checkpoint`` (looked at once per call site,
-    in the first counted forward)."""
-    for _ in range(64):
-        if frame is None:
-            return False
-        if frame.f_code.co_filename == _CHECKPOINT_FILE:
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _uncompiled(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -476,6 +476,8 @@ class Tracker(Sink):
         self.sampling = True
         self.on_window: list[Callable[[Window], None]] = []
         self.learning_rate: Callable[[], float | None] = lambda: None
+        #: The factor gradients are scaled by (mixed precision's GradScaler), or None.
+        self.gradient_scale: Callable[[], torch.Tensor | None] = lambda: None
         self.inputs = InputStats()
         self.example_input: torch.Tensor | None = None
         self._slab = Slab()
@@ -712,7 +714,11 @@ class Tracker(Sink):
                     with torch.inference_mode(False):
                         layer.saved_rows = param.detach()[:UPDATE_ROWS].clone()
                     self._saved.append(layer)
-                self.observe_weight_gradient(layer, grad.detach())
+                grad = grad.detach()
+                scale = self.gradient_scale()
+                if scale is not None:  # unscaled; an overflow (a step skipped) counts as 0
+                    grad = torch.nan_to_num(grad / scale.to(grad.device), 0.0, 0.0, 0.0)
+                self.observe_weight_gradient(layer, grad)
             except Exception as error:  # reludoctor's own: never the user's backward's
                 self.fail(error)
 
