@@ -3,11 +3,12 @@
 Activation modules (``nn.ReLU`` ...) and functional calls (``F.relu``, ``torch.relu``,
 ``Tensor.relu`` ...) are seen the same way: thin wrappers around the functional activations
 record the input (the pre-activation) before calling the real function. The wrappers over
-``torch.nn.functional`` and ``torch`` are swapped in only while the watched model's forward
-runs, and count only calls from the thread running it (a per-thread stack of watched
-forwards); ``Tensor.relu``/``relu_`` are swapped
+``torch.nn.functional`` and ``torch`` are swapped in for the watched model's first counted
+forward and stay from then on while it is watched (a compiled graph traces them); they count
+only calls from the thread running a watched forward (a per-thread stack of watched
+forwards) and pass every other call straight through. ``Tensor.relu``/``relu_`` are swapped
 for as long as any model is watched (changing a class costs every tensor method a cache miss,
-so it is not done per forward) and pass straight through outside a watched forward. An
+so it is not done per forward). An
 activation module is recognised by its ``forward`` being the caller, so it needs no hook of
 its own. Graph modules from ``torch.export`` call ATen operators directly; for those a
 ``TorchFunctionMode`` is entered around the forward instead.
@@ -562,28 +563,13 @@ class Probes:
                 return probes.traced_forward(inner, args, kwargs)
             return probes.eager_forward(inner, args, kwargs)
 
-        def first_forward(self_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            if self_model is not probes.model:
-                return type(self_model).forward(self_model, *args, **kwargs)
-            out = probes.eager_forward(inner, args, kwargs)
-            if probes.plan is not None and model.__dict__.get("forward") is self._forward:
-                probes.hold_functional()
-                self._forward = types.MethodType(watched_forward, model)
-                model.forward = self._forward  # type: ignore[method-assign]
-            return out
-
         with patcher.lock:
             patcher.tensor.acquire()
         # torch.compile keeps its variants of a function per code object (8 at most by
         # default): each watched model gets code of its own, so several compiled models never
         # crowd each other out.
-        watched_forward = _own_code(watched_forward)
         self.traced_forward = types.MethodType(_own_code(Probes.traced_forward), self)  # type: ignore[method-assign]
-        # Until the first counted forward has found the activations, the forward runs
-        # uncompiled even in a compiled model (torch.compile skips it); then it is replaced
-        # (the compiler's guard on it sees that, and compiles the counting forward).
-        self._forward = types.MethodType(_uncompiled(first_forward), model)
-        model.forward = self._forward  # type: ignore[method-assign]
+        model.forward = types.MethodType(_own_code(watched_forward), model)  # type: ignore[method-assign]
         _WATCHED[model] = self
         self._installed = True
 
@@ -604,6 +590,7 @@ class Probes:
             out = inner(*args, **kwargs)
             if outermost and self.recording is not None:
                 self.plan, self.recording = self.recording, None
+                self.hold_functional()
             if outermost and sink.sampling and sink.failure is None:
                 try:
                     sink.observe_model_output(out)
@@ -617,10 +604,10 @@ class Probes:
         """The watched forward as ``torch.compile`` traces it: each activation's counts
         become part of the graph (see :meth:`traced_activation`).
 
-        The first counted forward has run uncompiled (the forward installed until then is
-        one ``torch.compile`` skips): it found the activations, their names and producers,
-        which tracing cannot. What is read here is guarded by the compiler: a change (a
-        sampled step, watching stopped) selects another compiled variant, two while counting.
+        The first counted forward runs uncompiled (a graph break in this model's own code,
+        once): it finds the activations, their names and producers, which tracing cannot.
+        What is read here is guarded by the compiler: a change (the first forward done, a
+        sampled step) selects another compiled variant, two while counting.
         """
         self.ran_compiled = True
         sink = self.sink
@@ -632,8 +619,8 @@ class Probes:
             or self.compiled_gap is not None
         ):
             return inner(*args, **kwargs)
-        if self.plan is None:  # counting was off in the first forward (a failure of its own)
-            return inner(*args, **kwargs)
+        if self.plan is None:
+            return _first_forward_uncompiled(self, inner, args, kwargs)
         _COMPILED.probes = self
         self.counted_compiled = True
         self.ordinal = 0
@@ -706,8 +693,10 @@ class Probes:
         return out
 
     def hold_functional(self) -> None:
-        """Keep the functional wrappers in place while the model is watched: a compiled
-        graph checks at each call that the functions it traced are still there."""
+        """Keep the functional wrappers in place from the first counted forward on, while
+        the model is watched: a compiled graph traces them (compiled after this forward, or
+        with ``fullgraph=True`` after an uncompiled step) and checks at each call that they
+        are still there. Outside a watched forward they pass each call straight through."""
         if not self._holds_for_compile:
             with self.patcher.lock:
                 self.patcher.functional.acquire()
@@ -978,12 +967,20 @@ def model_name(model: nn.Module) -> str:
 _ATEN_NAMES = frozenset(op.name() for op in ATEN_TARGETS)
 
 
-def _uncompiled(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function``, which ``torch.compile`` runs as Python (saying why under fullgraph)."""
-    try:
-        return torch.compiler.disable(function, reason=FIRST_FORWARD_REASON)
-    except TypeError:  # torch before 2.6 takes no reason
-        return torch.compiler.disable(function)
+def _first_forward_uncompiled(
+    probes: Probes, inner: Callable[..., Any], args: Any, kwargs: Any
+) -> Any:
+    """The first counted forward of a compiled model, run by Python (see
+    :meth:`Probes.traced_forward`)."""
+    return probes.eager_forward(inner, args, kwargs)
+
+
+try:
+    _first_forward_uncompiled = torch.compiler.disable(
+        _first_forward_uncompiled, reason=FIRST_FORWARD_REASON
+    )
+except TypeError:  # torch before 2.6 takes no reason
+    _first_forward_uncompiled = torch.compiler.disable(_first_forward_uncompiled)
 
 
 def _own_code(function: types.FunctionType) -> types.FunctionType:

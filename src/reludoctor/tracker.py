@@ -186,6 +186,8 @@ class LayerState:
         #: Pre-activation values of the open window's last sampled step (a view of a buffer
         #: made once), and the positions they are gathered from, for the latest input shape.
         self.values: torch.Tensor | None = None
+        #: Whether ``values`` were kept in the open window (a closed one leaves them stale).
+        self.values_fresh = False
         self._values_buffer: torch.Tensor | None = None
         self._index_buffer: torch.Tensor | None = None
         self._value_index: torch.Tensor | None = None
@@ -300,7 +302,8 @@ class LayerState:
         for name in ("positions", "rows", "sampled_positions"):
             snap[name] += int(snap[f"graph_{name}"])
         self.graph_counted = self.graph_counted or snap["graph_positions"] > 0
-        snap["values"] = None if self.values is None else self.values.cpu().numpy().copy()
+        fresh = self.values is not None and self.values_fresh
+        snap["values"] = self.values.cpu().numpy().copy() if fresh else None
         return snap
 
     def keep_values(self, x: torch.Tensor) -> None:
@@ -321,6 +324,7 @@ class LayerState:
 
     def _values_of(self, count: int) -> torch.Tensor:
         """The kept values, resized to ``count`` (at most ``HISTOGRAM_VALUES``)."""
+        self.values_fresh = True
         values = self.values
         if values is not None and values.numel() == count:
             return values
@@ -344,7 +348,7 @@ class LayerState:
             self.tensors[counter.name].fill_(counter.initial)
         self.pending.clear()
         self.reset_host()
-        self.values = None
+        self.values_fresh = False  # the buffer stays: a compiled graph holds it
 
 
 def _start_stats(layer: LayerState, x: torch.Tensor) -> dict[str, float]:
@@ -659,6 +663,7 @@ class Tracker(Sink):
             return
         if layer.values is not None and layer._indexed == x.shape:
             layer.values.copy_(x.reshape(-1)[layer._value_index])
+            layer.values_fresh = True
         if layer.site.kind not in NON_NEGATIVE:
             head = _leading_samples(layer, x)
             positive = torch.nan_to_num(head.clamp_min(0), nan=0.0, posinf=0.0).sign()
