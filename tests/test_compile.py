@@ -346,17 +346,27 @@ def test_fullgraph_after_watching_needs_one_step_first_and_then_counts():
     assert_same_counts(doc.report(), expected)
 
 
-def test_a_backend_that_drops_the_counts_is_reported_not_trusted():
-    def cloning_backend(graph, example_inputs):  # runs the graph on copies of its inputs
-        return lambda *args: graph(*[a.clone() if torch.is_tensor(a) else a for a in args])
+def cloning_backend(graph, example_inputs):  # runs the graph on copies of its inputs
+    return lambda *args: graph(*[a.clone() if torch.is_tensor(a) else a for a in args])
 
+
+@pytest.mark.parametrize("order", [ORDERS[0], ORDERS[2]])
+def test_a_backend_that_drops_the_counts_is_said_at_once_and_reported(order):
     model = Net()
-    doc = rd.watch(model, window=3)
-    call = torch.compile(model, backend=cloning_backend)
-    train(call, doc, 4, lambda _: torch.randn(16, 4), lr=0.1)
+    if order == ORDERS[0]:
+        doc = rd.watch(model, window=3, sample_every=2)
+        call = torch.compile(model, backend=cloning_backend)
+    else:
+        call = torch.compile(model, backend=cloning_backend)
+        doc = rd.watch(call, window=3, sample_every=2)
+    with pytest.warns(RuntimeWarning, match="dropped the counts") as said:
+        train(call, doc, 4, lambda _: torch.randn(16, 4), lr=0.1)  # a window closes at 3
+    assert len(said) == 1
+    named = "(cloning_backend)" in str(said[0].message)
+    assert named is (order == ORDERS[2])  # the backend is named where it can be found
     doc.close()
     finding = next(f for f in doc.report().findings if f.code == "unwatched_activations")
-    assert "backend dropped the counts" in finding.message
+    assert "backend" in finding.message and "dropped the counts" in finding.message
 
 
 def test_reludoctor_run_counts_a_script_that_compiles_its_model(tmp_path):

@@ -157,6 +157,10 @@ class Monitor:
         self._ran_compiled = False
         self._compiled_gap: str | None = None
         self._counted_in_graph = False
+        #: The backend a model compiled before watching is compiled with (None: unknown).
+        self._backend = self.probes.backend
+        self._graph_counts_checked = False
+        self.tracker.on_window.append(self._check_graph_counts)
 
     # -- the training loop's side ---------------------------------------------------------
     def step(
@@ -313,13 +317,34 @@ class Monitor:
         """Whether compiled forwards ran with counts in their graph."""
         return self.probes.counted_compiled if self.probes is not None else self._counted_in_graph
 
+    def _counts_dropped(self) -> bool:
+        """Whether compiled forwards ran with counts in their graph and none arrived."""
+        return self._counted_compiled() and not self.tracker.counted_in_graph()
+
+    def _backend_reason(self) -> str:
+        backend = self._backend
+        return BACKEND_REASON.format(backend=f" ({backend})" if backend else "")
+
+    def _check_graph_counts(self, window: Window) -> None:
+        """At the first window's end after compiled forwards: say at once (one warning) when
+        the backend dropped the counts, rather than only in the report."""
+        if self._graph_counts_checked or not self._counted_compiled():
+            return
+        self._graph_counts_checked = True
+        if self._counts_dropped():
+            message = f"reludoctor: {printable(model_name(self.model))}: {self._backend_reason()}"
+            try:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            except Warning:  # warnings are errors here (python -W error): never raise
+                logger.error(message)
+
     def _observations(self) -> Observations:
         """What the rules see now: layer summaries, every window, and the facts."""
         unwatched = list(self.unwatched)
         probes = self.probes
         gap = probes.compiled_gap if probes is not None else self._compiled_gap
-        if gap is None and self._counted_compiled() and not self.tracker.counted_in_graph():
-            gap = BACKEND_REASON
+        if gap is None and self._counts_dropped():
+            gap = self._backend_reason()
         if gap is not None:
             unwatched.append((model_name(self.model), gap))
         return observe(self.tracker, self.facts, unwatched)

@@ -463,9 +463,9 @@ PLAN_GAP_REASON = (
     "different path through the model): from there on its compiled forwards were not counted"
 )
 BACKEND_REASON = (
-    "it ran compiled, and the compiler's backend dropped the counts reludoctor puts in the "
-    "graph: its compiled forwards were not counted; watch it with the inductor (default), "
-    "aot_eager or eager backend"
+    "it ran compiled, and the compiler's backend{backend} dropped the counts reludoctor puts "
+    "in the graph: its compiled forwards were not counted; watch it with the inductor "
+    "(default), aot_eager or eager backend"
 )
 EXPORTED_REASON = (
     "it is a torch.export graph run under torch.compile, whose activations reludoctor does "
@@ -525,8 +525,10 @@ class Probes:
         self._holds_for_compile = False
         #: Modules whose activations cannot be seen, and why: (qualified name, reason).
         self.unwatched: list[tuple[str, str]] = _scripted_activations(model)
-        #: Whether the model is compiled already (its wrapper, or compiled in place).
+        #: Whether the model is compiled already (its wrapper, or compiled in place), and
+        #: with which backend (when it can be found).
         self.compiled_before = is_compiled(wrapper) or is_compiled(model)
+        self.backend = compiled_backend(wrapper) or compiled_backend(model)
         self._aten_nodes: list[Any] | None = None
         self._installed = False
         if isinstance(model, torch.jit.ScriptModule):
@@ -1003,8 +1005,9 @@ def compiled_module(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def compiled_fullgraph(model: nn.Module) -> bool:
-    """Whether ``model`` is compiled (its wrapper, or in place) with ``fullgraph=True``."""
+def _compile_contexts(model: nn.Module) -> list[Any]:
+    """What ``torch.compile`` keeps of how ``model`` (its wrapper, or compiled in place) is
+    compiled: its options, when they can be found."""
     contexts = [getattr(model, "dynamo_ctx", None)]
     call = getattr(model, "_compiled_call_impl", None)
     for cell in getattr(call, "__closure__", None) or ():
@@ -1012,7 +1015,24 @@ def compiled_fullgraph(model: nn.Module) -> bool:
             contexts.append(cell.cell_contents)
         except ValueError:  # an empty cell
             continue
-    return any(getattr(c, "fullgraph", False) is True for c in contexts)
+    return [c for c in contexts if hasattr(c, "fullgraph")]
+
+
+def compiled_fullgraph(model: nn.Module) -> bool:
+    """Whether ``model`` is compiled (its wrapper, or in place) with ``fullgraph=True``."""
+    return any(c.fullgraph is True for c in _compile_contexts(model))
+
+
+def compiled_backend(model: nn.Module) -> str | None:
+    """The name of the backend ``model`` is compiled with, when it can be found."""
+    for context in _compile_contexts(model):
+        backend = getattr(context, "callback", None)
+        while hasattr(backend, "_torchdynamo_orig_backend"):
+            backend = backend._torchdynamo_orig_backend
+        name = getattr(backend, "compiler_name", None) or getattr(backend, "__name__", None)
+        if isinstance(name, str):
+            return name
+    return None
 
 
 def is_compiled(model: nn.Module) -> bool:
