@@ -402,3 +402,10 @@ def test_reludoctor_run_counts_a_script_that_compiles_its_model(tmp_path):
     assert report.meta["compiled"] is True
     assert report.layer("1").dead_units == [2, 6]
     assert "unwatched_activations" not in {finding.code for finding in report.findings}
+
+
+def test_importing_reludoctor_leaves_the_compiler_unloaded():
+    # torch._dynamo takes seconds to import: only watching a model loads it
+    code = "import sys, reludoctor; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr

@@ -565,6 +565,7 @@ class Probes:
                 return probes.traced_forward(inner, args, kwargs)
             return probes.eager_forward(inner, args, kwargs)
 
+        _prepare_first_forward()
         with patcher.lock:
             patcher.tensor.acquire()
         # torch.compile keeps its variants of a function per code object (8 at most by
@@ -622,6 +623,7 @@ class Probes:
         ):
             return inner(*args, **kwargs)
         if self.plan is None:
+            assert _first_forward_uncompiled is not None  # made when the model was watched
             return _first_forward_uncompiled(self, inner, args, kwargs)
         _COMPILED.probes = self
         self.counted_compiled = True
@@ -969,20 +971,26 @@ def model_name(model: nn.Module) -> str:
 _ATEN_NAMES = frozenset(op.name() for op in ATEN_TARGETS)
 
 
-def _first_forward_uncompiled(
-    probes: Probes, inner: Callable[..., Any], args: Any, kwargs: Any
-) -> Any:
+def _first_forward(probes: Probes, inner: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """The first counted forward of a compiled model, run by Python (see
     :meth:`Probes.traced_forward`)."""
     return probes.eager_forward(inner, args, kwargs)
 
 
-try:
-    _first_forward_uncompiled = torch.compiler.disable(
-        _first_forward_uncompiled, reason=FIRST_FORWARD_REASON
-    )
-except TypeError:  # torch before 2.6 takes no reason
-    _first_forward_uncompiled = torch.compiler.disable(_first_forward_uncompiled)
+#: :func:`_first_forward` as ``torch.compile`` skips it, made by the first watch (making it
+#: imports the compiler, which ``import reludoctor`` leaves out).
+_first_forward_uncompiled: Callable[..., Any] | None = None
+
+
+def _prepare_first_forward() -> None:
+    global _first_forward_uncompiled
+    if _first_forward_uncompiled is None:
+        try:
+            _first_forward_uncompiled = torch.compiler.disable(
+                _first_forward, reason=FIRST_FORWARD_REASON
+            )
+        except TypeError:  # torch before 2.6 takes no reason
+            _first_forward_uncompiled = torch.compiler.disable(_first_forward)
 
 
 def _own_code(function: types.FunctionType) -> types.FunctionType:
