@@ -122,7 +122,7 @@ def test_ctrl_c_writes_the_report_and_exits_130(tmp_path):
     )
     assert process.stdout.readline().strip() == "trained"
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=120)  # as reludoctor_run allows a run
     assert process.returncode == 130, stderr
     data = report(tmp_path)
     assert data["meta"]["ending"] == "interrupted" and data["meta"]["steps"] == 6
