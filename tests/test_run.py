@@ -104,6 +104,12 @@ def test_an_exception_exits_1_with_the_scripts_traceback_and_a_report(tmp_path):
     assert report(tmp_path)["meta"]["ending"] == "error"
 
 
+def _ctrl_c_stops() -> None:
+    """In the child before it runs: SIGINT as a terminal delivers it (a process started
+    while SIGINT is ignored keeps ignoring it, and Python then raises no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_writes_the_report_and_exits_130(tmp_path):
     path = script(tmp_path, "print('trained', flush=True)\nimport time\ntime.sleep(60)")
     command = [
@@ -118,7 +124,12 @@ def test_ctrl_c_writes_the_report_and_exits_130(tmp_path):
         "6",
     ]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=_ctrl_c_stops,  # a terminal's Ctrl-C, whatever the test process ignores
     )
     assert process.stdout.readline().strip() == "trained"
     process.send_signal(signal.SIGINT)
