@@ -525,9 +525,7 @@ class Probes:
         self._holds_for_compile = False
         #: Modules whose activations cannot be seen, and why: (qualified name, reason).
         self.unwatched: list[tuple[str, str]] = _scripted_activations(model)
-        #: Whether the model is compiled already (its wrapper, or compiled in place), and
-        #: with which backend (when it can be found).
-        self.compiled_before = is_compiled(wrapper) or is_compiled(model)
+        #: The backend the model is compiled with already (None: not compiled, or unknown).
         self.backend = compiled_backend(wrapper) or compiled_backend(model)
         self._aten_nodes: list[Any] | None = None
         self._installed = False
@@ -959,8 +957,8 @@ def whole_base(x: torch.Tensor) -> torch.Tensor | None:
 def model_name(model: nn.Module) -> str:
     """The class name a user knows ``model`` by (a TorchScript module's original class, the
     module a ``torch.compile`` wrapper compiles)."""
-    compiled = getattr(model, "_orig_mod", None)
-    if isinstance(compiled, nn.Module):
+    compiled = compiled_module(model)
+    if compiled is not model:
         return model_name(compiled)
     if isinstance(model, torch.jit.ScriptModule):
         return str(getattr(model, "original_name", None) or type(model).__name__)
@@ -1046,7 +1044,7 @@ def compiled_backend(model: nn.Module) -> str | None:
 def is_compiled(model: nn.Module) -> bool:
     """Whether ``model`` is ``torch.compile``'s wrapper or was compiled in place
     (``model.compile()``)."""
-    return isinstance(getattr(model, "_orig_mod", None), nn.Module) or (
+    return compiled_module(model) is not model or (
         getattr(model, "_compiled_call_impl", None) is not None
     )
 

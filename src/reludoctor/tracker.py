@@ -569,10 +569,9 @@ class Tracker(Sink):
         if maxima is None:
             maxima = _per_unit_max(layer, x)
         bad = torch.isnan(maxima) | torch.isposinf(maxima)
-        layer.nonfinite += bad
-        step = float(self.steps + 1)
+        layer.nonfinite.add_(bad)
         first = layer.nonfinite_first
-        torch.minimum(first, torch.where(bad.any(), step, math.inf), out=first)
+        first.copy_(torch.minimum(first, torch.where(bad.any(), layer.step_mark, math.inf)))
         return _per_unit_max(layer, _finite_or_neginf(x))
 
     def observe_output(self, layer: LayerState, out: torch.Tensor) -> None:
@@ -650,12 +649,7 @@ class Tracker(Sink):
         if x is None or x.numel() == 0:
             return
         x = x.detach()
-        maxima = _per_unit(layer, x, torch.amax)
-        bad = torch.isnan(maxima) | torch.isposinf(maxima)
-        layer.nonfinite.add_(bad)
-        when = torch.where(bad.any(), layer.step_mark, math.inf)
-        layer.nonfinite_first.copy_(torch.minimum(layer.nonfinite_first, when))
-        finite = _per_unit(layer, _finite_or_neginf(x), torch.amax)
+        finite = self._finite_maximum(layer, x)
         layer.max_pre.copy_(torch.maximum(layer.max_pre, finite))
         layer.graph_positions.add_(x.numel() // layer.units)
         layer.graph_rows.add_(x.shape[0] if layer.rank >= 2 else 1)
