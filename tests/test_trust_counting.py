@@ -128,6 +128,30 @@ def test_the_accelerator_path_counts_finite_values_exactly_without_a_sync():
     assert torch.equal(layer.max_pre, expected)
 
 
+def test_on_the_accelerator_path_a_nan_leaves_out_only_its_samples_channel_values():
+    # a conv channel is reduced per sample first (a full pass fewer on a GPU): a NaN leaves
+    # out that sample's other values of the channel, never another sample's
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU())
+    batches = [torch.randn(4, 2, 3, 3) for _ in range(4)]
+    batches[2][1] *= 10  # sample 1 holds each channel's largest values
+    batches[2][1, 0, 2, 2] = math.nan  # reaches every channel of sample 1, step 3
+    with rd.watch(model, window=100) as doc:
+        train(model, doc, 1, lambda _: batches[0])
+        [layer] = doc.tracker.layers
+        layer.pending_limit = 4  # as on a GPU
+        train(model, doc, 3, lambda step: batches[step + 1])
+    report = doc.report()
+    assert report.layer("1").nonfinite_units == 4 and report.layer("1").nonfinite_first_step == 3
+    layer.fold()
+    kept = [batches[0], batches[1], batches[2][[0, 2, 3]], batches[3]]
+    expected = model[0](torch.cat(kept)).detach().amax((0, 2, 3))
+    assert torch.equal(layer.max_pre, expected)
+    pre = model[0](torch.cat(batches)).detach()
+    exact = torch.where(pre.isfinite(), pre, -math.inf).amax((0, 2, 3))
+    assert (layer.max_pre < exact).all()  # sample 1's finite values were left out
+
+
 def test_units_with_only_nonfinite_values_are_not_called_dead():
     model = planted(units=8, dead=(0,))
     with torch.no_grad():

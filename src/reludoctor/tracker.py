@@ -98,8 +98,8 @@ HOST_COUNTERS = (
 Snapshot = dict[str, Any]
 
 
-#: On a GPU a layer's per-call maxima are kept (one kernel each) and folded into the running
-#: maximum every this many calls (amortised: two kernels per fold); on the CPU at once.
+#: On a GPU a layer's per-call maxima are kept on the device (a few kernels each, no read-back)
+#: and folded into the running counters every this many calls; on the CPU at once.
 PENDING_MAXIMA = 16
 #: ... as long as they take at most this many floats per layer.
 PENDING_BUDGET = 1 << 20
@@ -156,11 +156,66 @@ class StepMarks:
             self._marks[device] = mark
         return mark
 
+    @property
+    def running(self) -> int:
+        return self._step
+
     def advance(self, step: int) -> None:
         """Steps before ``step`` have ended."""
         self._step = step
         for mark in self._marks.values():
             mark.fill_(float(step))
+
+
+class PendingMaxima:
+    """A layer's per-call maxima on an accelerator, kept on the device until a fold.
+
+    Each call writes two rows, its plain per-unit maximum and its maximum over finite values,
+    and its step, with no read-back; a fold reduces up to ``limit`` calls at once into the
+    running maximum and the non-finite counts (a fixed handful of kernels).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._rows: torch.Tensor | None = None  # (limit, 2, units): plain, finite
+        self._steps: torch.Tensor | None = None  # (limit,): each call's step
+        self._views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return self.count
+
+    def take(self, layer: LayerState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next call's (plain, finite) rows of ``dtype``, for the caller to write."""
+        rows = self._rows
+        if rows is None or rows.dtype != dtype or rows.shape[0] != layer.pending_limit:
+            self.fold_into(layer)
+            with torch.inference_mode(False):
+                shape = (layer.pending_limit, 2, layer.units)
+                rows = self._rows = torch.empty(shape, dtype=dtype, device=layer.device)
+                self._steps = torch.empty(layer.pending_limit, device=layer.device)
+            # views made once: indexing anew would cost a dispatch per view per call
+            steps = self._steps
+            self._views = [(row[0], row[1], step) for row, step in zip(rows, steps, strict=True)]
+        plain, finite, step = self._views[self.count]
+        self.count += 1
+        step.fill_(float(layer.step_marks.running))
+        return plain, finite
+
+    def fold_into(self, layer: LayerState) -> None:
+        """Fold the kept calls into ``layer``'s maximum and non-finite counts."""
+        count, self.count = self.count, 0
+        if not count:
+            return
+        rows, steps = self._rows[:count], self._steps[:count]
+        torch.maximum(layer.max_pre, rows[:, 1].amax(0), out=layer.max_pre)
+        plain = rows[:, 0]
+        bad = plain.isnan().logical_or_(plain.isposinf())
+        layer.nonfinite.add_(bad.sum(0))
+        first = torch.where(bad.any(1), steps, math.inf).amin()
+        torch.minimum(layer.nonfinite_first, first, out=layer.nonfinite_first)
+
+    def clear(self) -> None:
+        self.count = 0
 
 
 class LayerState:
@@ -180,7 +235,6 @@ class LayerState:
             self.layout = "channels"
         else:
             self.layout = "other"
-        self.pending: list[torch.Tensor] = []
         #: The shape of the view this layer's activation was last applied to, and its base's.
         self._viewed: tuple[torch.Size, torch.Size] | None = None
         #: Pre-activation values of the open window's last sampled step (a view of a buffer
@@ -221,6 +275,7 @@ class LayerState:
         self.scratch_numpy = self.scratch.numpy() if self.scratch is not None else None
         self.values = self._values_buffer = self._index_buffer = self._value_index = None
         self._indexed = None
+        self.pending = PendingMaxima()
         # On the CPU each call's maxima are folded at once: small tensors kept across calls,
         # between the model's large transient ones, fragment the C heap, and it grows with
         # the run. Elsewhere folding is amortised over calls (fewer kernel launches).
@@ -286,10 +341,7 @@ class LayerState:
         return None
 
     def fold(self) -> None:
-        if self.pending:
-            pending, self.pending = self.pending, []
-            latest = torch.stack(pending).amax(0) if len(pending) > 1 else pending[0]
-            torch.maximum(self.max_pre, latest, out=self.max_pre)
+        self.pending.fold_into(self)
 
     def snapshot(self) -> Snapshot:
         """Host copy of every counter (one read per tensor)."""
@@ -422,6 +474,23 @@ def _per_unit_max(
     return _per_unit(layer, x, torch.amax, out if x.dtype == torch.float32 else None)
 
 
+def _pending_maxima(
+    layer: LayerState, x: torch.Tensor, plain: torch.Tensor, finite: torch.Tensor
+) -> None:
+    """Write ``x``'s per-unit maximum to ``plain`` and its maximum over finite values to
+    ``finite``. A conv layer's channels are reduced over each sample's positions first, so
+    the finite maximum leaves out, with a NaN or +inf, the other values of that sample in
+    that channel: a unit can look deader for it, never alive (a full pass fewer)."""
+    if layer.layout == "channels":
+        spatial = tuple(range(2, x.dim()))
+        samples = torch.amax(x.flatten(2), 2) if x.is_contiguous() else torch.amax(x, spatial)
+        torch.amax(samples, 0, out=plain)
+        torch.amax(_finite_or_neginf(samples), 0, out=finite)
+    else:
+        _per_unit(layer, x, torch.amax, plain)
+        _per_unit(layer, _finite_or_neginf(x), torch.amax, finite)
+
+
 def _norm32(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """The 2-norm as float32: accumulated in float32 for narrower types, in the tensor's own
     type for wider ones (float64 cannot be narrowed on the way in)."""
@@ -543,9 +612,8 @@ class Tracker(Sink):
                 latest = self._finite_maximum(layer, x, latest)
             torch.maximum(layer.max_pre, latest, out=layer.max_pre)
         else:
-            pending = layer.pending
-            pending.append(self._finite_maximum(layer, x))
-            if len(pending) >= layer.pending_limit:
+            _pending_maxima(layer, x, *layer.pending.take(layer, x.dtype))
+            if len(layer.pending) >= layer.pending_limit:
                 layer.fold()
         layer.positions += n
         layer.rows += x.shape[0] if layer.rank >= 2 else 1
