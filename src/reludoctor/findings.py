@@ -26,6 +26,10 @@ REMEDIES: dict[str, str] = {
     "normalize_inputs": "centre and scale the inputs",
     "skip_connections": "add skip (residual) connections",
     "revive_units": "re-initialise the dead units in place (ReDo-style recycling)",
+    "reset_norm_shift": (
+        "set the normalisation layers' shift (beta) back to 0, or re-estimate batch norm's "
+        "running statistics"
+    ),
 }
 
 #: The code change each remedy asks for (``reludoctor.remedies`` where it can act in place).
@@ -61,6 +65,10 @@ REMEDY_CODE: dict[str, str] = {
     "revive_units": (
         "from reludoctor.revive import revive_units\n"
         "revive_units(model, doc, optimizer)  # or rd.watch(..., revive=True)"
+    ),
+    "reset_norm_shift": (
+        "from reludoctor.remedies import reset_norm_shift\n"
+        "reset_norm_shift(model)  # BatchNorm/GroupNorm/LayerNorm bias -> 0 before a ReLU"
     ),
 }
 

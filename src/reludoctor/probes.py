@@ -177,6 +177,10 @@ class Site:
     unit_dim: int
     weight: torch.nn.Parameter | None
     bias: torch.nn.Parameter | None = None
+    #: A normalisation layer (batch, group or layer norm with a learned shift) producing the
+    #: activation's input, and whether it ran in eval mode (BatchNorm: running statistics).
+    shift_source: nn.Module | None = None
+    shift_in_eval: bool = False
     #: The activation runs on a reshaped view of its producer's output: the units are the
     #: producer's (the tracker counts the viewed tensor).
     follows_base: bool = False
@@ -528,6 +532,13 @@ class Probes:
         #: The backend the model is compiled with already (None: not compiled, or unknown).
         self.backend = compiled_backend(wrapper) or compiled_backend(model)
         self._aten_nodes: list[Any] | None = None
+        #: Activation functions modules keep a reference to, swapped while watched:
+        #: (module, attribute, original, wrapper).
+        self._held: list[tuple[nn.Module, str, Any, Any]] = []
+        #: PyTorch's attention/transformer modules take a fused path in inference that runs
+        #: no Python activation: turned off while a forward is counted (saved setting).
+        self._fast_path = _has_fast_path(model)
+        self._fast_path_setting: bool | None = None
         self._installed = False
         if isinstance(model, torch.jit.ScriptModule):
             warnings.warn(
@@ -566,6 +577,7 @@ class Probes:
         _prepare_first_forward()
         with patcher.lock:
             patcher.tensor.acquire()
+        self._swap_held_activations()
         # torch.compile keeps its variants of a function per code object (8 at most by
         # default): each watched model gets code of its own, so several compiled models never
         # crowd each other out.
@@ -726,8 +738,30 @@ class Probes:
             self.model.__dict__.pop("forward", None)
         if _WATCHED.get(self.model) is self:
             del _WATCHED[self.model]
+        for module, attr, original, wrapper in self._held:
+            if module.__dict__.get(attr) is wrapper:
+                module.__dict__[attr] = original
+        self._held.clear()
         with self.patcher.lock:
             self.patcher.tensor.release()
+
+    def _swap_held_activations(self) -> None:
+        """A module that keeps a reference to an activation function (``self.activation =
+        F.relu``, as nn.TransformerEncoderLayer does, or an ``activation=F.relu`` argument
+        it stores) took it before reludoctor swapped the function: swap it in the module
+        too, while watched (outside a counted forward the wrapper passes calls through)."""
+        functional = self.patcher.functional
+        wrappers = {
+            id(original): functional.wrappers[owner][attr]
+            for owner, originals in functional.originals.items()
+            for attr, original in originals.items()
+        }
+        for module in self.model.modules():
+            for attr, value in list(vars(module).items()):
+                wrapper = wrappers.get(id(value))
+                if wrapper is not None and callable(value):
+                    module.__dict__[attr] = wrapper
+                    self._held.append((module, attr, value, wrapper))
 
     # -- the watched forward --------------------------------------------------------------
     def enter(self) -> None:
@@ -749,6 +783,9 @@ class Probes:
         try:
             if self.discovering:
                 self._start_discovery()
+            if self._fast_path:
+                self._fast_path_setting = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
             with patcher.lock:
                 patcher.functional.acquire()
             self._holds_functional = True
@@ -775,6 +812,9 @@ class Probes:
         if self._aten_mode is not None:
             mode, self._aten_mode = self._aten_mode, None
             mode.__exit__(None, None, None)
+        if self._fast_path_setting is not None:
+            torch.backends.mha.set_fastpath_enabled(self._fast_path_setting)
+            self._fast_path_setting = None
         patcher = self.patcher
         stack = patcher.stack()
         if self in stack:
@@ -919,6 +959,8 @@ class Probes:
             unit_dim=_unit_dim(x, producer),
             weight=self._weight_upstream(producer),
             bias=_direct_bias(producer),
+            shift_source=producer if _norm_shift(producer) is not None else None,
+            shift_in_eval=producer is not None and not producer.training,
             follows_base=follows_base,
         )
 
@@ -1049,6 +1091,14 @@ def is_compiled(model: nn.Module) -> bool:
     )
 
 
+def _has_fast_path(model: nn.Module) -> bool:
+    """Whether ``model`` holds a module with PyTorch's fused inference path (which runs its
+    activation inside one native kernel) and the setting that turns it off exists."""
+    fused = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+    settable = hasattr(getattr(torch.backends, "mha", None), "set_fastpath_enabled")
+    return settable and any(isinstance(m, fused) for m in model.modules())
+
+
 def _scripted_activations(model: nn.Module) -> list[tuple[str, str]]:
     """The outermost TorchScript modules in ``model`` that run a rectifier-family activation
     (which no Python-level probe can see), with why; a module whose graph cannot be read is
@@ -1081,6 +1131,35 @@ def _direct_bias(producer: nn.Module | None) -> nn.Parameter | None:
         if isinstance(bias, nn.Parameter) and not getattr(producer, "transposed", False):
             return bias
     return None
+
+
+def _norm_shift(producer: nn.Module | None) -> nn.Parameter | None:
+    """The learned shift (beta) of a batch/group/layer norm producing the activation's
+    input, one per unit (None for other producers, or a norm without one)."""
+    if isinstance(producer, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        bias = getattr(producer, "bias", None)
+        if isinstance(bias, nn.Parameter) and bias.dim() == 1:
+            return bias
+    return None
+
+
+def norm_shift(site: Site) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The shift a normalisation layer adds to each unit of ``site``'s input, and its beta.
+
+    In training a batch norm centres each unit's values, so the shift is beta; in eval it
+    is beta - gamma * running mean / running std (its running statistics add the rest).
+    """
+    module = site.shift_source
+    beta = _norm_shift(module)
+    if beta is None:
+        return None
+    beta = beta.detach().float()
+    running = isinstance(module, nn.modules.batchnorm._NormBase) and site.shift_in_eval
+    if not running or module.running_mean is None or module.running_var is None:
+        return beta, beta
+    gamma = module.weight.detach().float() if module.weight is not None else torch.ones_like(beta)
+    std = (module.running_var.float() + module.eps).sqrt()
+    return beta - gamma * module.running_mean.float() / std, beta
 
 
 def _is_activation_type(module_type: Any) -> bool:

@@ -175,6 +175,46 @@ def following_activations(model: nn.Module) -> dict[str, nn.Module | None]:
     return result
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def reset_norm_shift(model: nn.Module) -> RemedyRecord:
+    """Set each negative shift (bias, beta) of the model's batch, group and layer norms to 0:
+    a normalisation layer before a ReLU whose beta went negative holds its units below 0.
+    Running statistics are left alone (re-estimate them by running training-mode forwards).
+
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+        >>> _ = nn.init.constant_(model[1].bias, -5.0)
+        >>> reset_norm_shift(model).changed
+        ['1: 8 negative shifts set to 0 (mean -5)']
+    """
+    norms = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, _NORMS) and isinstance(getattr(module, "bias", None), nn.Parameter)
+    ]
+    if not norms:
+        raise RemedyError(
+            f"reset_norm_shift: {type(model).__name__} has no batch, group or layer norm with a "
+            "learned shift"
+        )
+    record = RemedyRecord("reset_norm_shift")
+    with applying(record), torch.no_grad():
+        for name, module in norms:
+            negative = module.bias < 0
+            count = int(negative.sum())
+            if not count:
+                record.skipped.append(f"{name}: no negative shift")
+                continue
+            _require_trainable(name, module, "reset_norm_shift")
+            mean = float(module.bias[negative].mean())
+            record.save_tensor(module.bias)
+            module.bias.clamp_(min=0.0)
+            record.changed.append(f"{name}: {count} negative shifts set to 0 (mean {mean:.3g})")
+    return record
+
+
 def _init_weights(
     model: nn.Module,
     remedy: str,

@@ -106,6 +106,7 @@ CAUSE_REMEDIES: dict[str, tuple[str, ...]] = {
     "zero_init": ("kaiming_init", "revive_units"),
     "poor_init_scale": ("kaiming_init", "batch_norm", "selu"),
     "negative_bias": ("kaiming_init", "revive_units", "leaky_relu", "batch_norm"),
+    "negative_norm_shift": ("reset_norm_shift", "revive_units", "leaky_relu"),
     "high_learning_rate": ("lower_learning_rate", "adaptive_optimizer", "revive_units"),
     "unnormalized_inputs": ("normalize_inputs", "batch_norm", "selu", "leaky_relu"),
     "deep_without_normalization": ("batch_norm", "skip_connections", "kaiming_init", "selu"),
@@ -478,7 +479,8 @@ def poor_init_scale(obs: Observations, t: Thresholds) -> Result:
 
 
 def negative_bias(obs: Observations, t: Thresholds) -> Result:
-    """Dead units whose input term did reach above 0, held below it by their bias."""
+    """Dead units whose input term did reach above 0, held below it by a negative shift:
+    a Linear/Conv bias, or a normalisation layer's beta (``negative_norm_shift``)."""
     findings: Result = []
     judged = False
     for layer in obs.layers:
@@ -488,21 +490,53 @@ def negative_bias(obs: Observations, t: Thresholds) -> Result:
         held = layer.bias_held_units
         if not (layer.can_die and held) or len(held) < t.negative_bias_share * layer.dead:
             continue
+        evidence = {"held_units": held[:EVIDENCE_UNITS], "held": len(held), "dead": layer.dead}
+        if layer.held_by in ("norm_shift", "running_stats"):
+            findings.append(_norm_shift_cause(layer, evidence))
+            continue
         findings.append(
             _cause(
                 "negative_bias",
                 layer.name,
                 f"{len(held)} of the {layer.dead} dead units of {layer.name} are held below 0 "
                 "by a negative bias: without it their input term did reach above 0",
-                _bias_evidence(
-                    obs.facts.layer(layer.producer),
-                    {"held_units": held[:EVIDENCE_UNITS], "held": len(held), "dead": layer.dead},
-                ),
+                _bias_evidence(obs.facts.layer(layer.producer), evidence),
             )
         )
     if not judged:
-        return [Unjudged("negative_bias", "no activation is fed directly by a layer with bias")]
+        return [
+            Unjudged(
+                "negative_bias",
+                "no activation is fed directly by a layer with a bias or a normalisation shift",
+            )
+        ]
     return findings
+
+
+def _norm_shift_cause(layer: LayerReport, evidence: dict[str, Any]) -> Finding:
+    """``negative_norm_shift``: a normalisation layer's shift holds dead units below 0."""
+    producer = layer.producer or "the normalisation layer"
+    mean = layer.held_shift_mean
+    evidence = {**evidence, "producer": producer}
+    if mean is not None:
+        evidence["shift_mean"] = round(mean, 4)
+    if layer.start_preact_mean is not None and layer.start_preact_std:
+        ratio = layer.start_preact_mean / layer.start_preact_std
+        evidence["start_preact_mean_in_std"] = round(ratio, 2)
+    if layer.held_by == "running_stats":
+        what = (
+            f"the running statistics of {producer} (in eval mode its shift, beta - gamma * "
+            f"running mean / running std, averages {mean:.3g} over them)"
+        )
+    else:
+        what = f"the shift (bias, beta) of {producer}, {mean:.3g} on average over them"
+    return _cause(
+        "negative_norm_shift",
+        layer.name,
+        f"{evidence['held']} of the {layer.dead} dead units of {layer.name} are held below 0 by "
+        f"{what}: without it their normalised input did reach above 0",
+        evidence,
+    )
 
 
 def _bias_evidence(producer: LayerFacts | None, evidence: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from reludoctor.facts import InputStats
-from reludoctor.probes import Sink, Site, whole_base
+from reludoctor.probes import Sink, Site, norm_shift, whole_base
 from reludoctor.report.model import LayerReport, Window, WindowLayer
 
 #: ReDo (Sokar et al. 2023) calls a unit dormant when its mean |activation| divided by its
@@ -973,6 +973,7 @@ class Tracker(Sink):
             dead_units = np.flatnonzero(stats["dead"]).tolist()
             zero_grad = stats["zero_grad"]
             site = layer.site
+            held, held_by, shift_mean = _bias_held(site, snap["max_pre"], stats["dead"])
             reports.append(
                 LayerReport(
                     name=site.name,
@@ -1003,7 +1004,9 @@ class Tracker(Sink):
                     start_dead_fraction=layer.start["dead_fraction"],
                     start_preact_mean=_finite(layer.start["preact_mean"]),
                     start_preact_std=_finite(layer.start["preact_std"]),
-                    bias_held_units=_bias_held(site, snap["max_pre"], stats["dead"]),
+                    bias_held_units=held,
+                    held_by=held_by,
+                    held_shift_mean=shift_mean,
                     preact_histogram=preactivation_histogram(layer.start_values, snap["values"]),
                 )
             )
@@ -1123,19 +1126,38 @@ def preactivation_histogram(
     }
 
 
-def _bias_held(site: Site, max_pre: np.ndarray, dead: np.ndarray) -> list[int] | None:
-    """Dead units held below 0 by a large negative bias: without it, their input term w.x
-    reached above 0 (the pre-activation's maximum minus ``b`` is the largest ``w.x``), and
-    the bias lies beyond the range a default initialisation draws from, -1/sqrt(fan_in).
+def _bias_held(
+    site: Site, max_pre: np.ndarray, dead: np.ndarray
+) -> tuple[list[int] | None, str | None, float | None]:
+    """Dead units held below 0 by a negative shift added last to their input, what sets it
+    (``"bias"``, ``"norm_shift"``, ``"running_stats"``) and its mean over them.
+
+    Without the shift ``b`` their input term reached above 0 (the pre-activation's maximum
+    minus ``b`` is the largest value of the rest). A Linear/Conv bias counts when it lies
+    beyond the range a default initialisation draws from, -1/sqrt(fan_in); a normalisation
+    layer's shift (default 0) when it is negative.
     """
     bias, weight = site.bias, site.weight
-    if bias is None or weight is None or bias.shape != max_pre.shape:
-        return None
-    b = bias.detach().float().cpu().numpy()
-    fan_in = weight[0].numel()
+    beta = None
+    if bias is not None and weight is not None and bias.shape == max_pre.shape:
+        b = bias.detach().float().cpu().numpy()
+        fan_in = weight[0].numel()
+        floor, source = -1.0 / math.sqrt(max(fan_in, 1)), "bias"
+    else:
+        shift = norm_shift(site)
+        if shift is None or shift[0].shape != max_pre.shape:
+            return None, None, None
+        b, beta = (part.cpu().numpy() for part in shift)
+        floor, source = 0.0, "norm_shift"
     with np.errstate(invalid="ignore"):  # NaN maxima are not held by anything
-        held = dead & (b < -1.0 / math.sqrt(max(fan_in, 1))) & (max_pre - b > 0)
-    return np.flatnonzero(held).tolist()
+        held = dead & (b < floor) & (max_pre - b > 0)
+    units = np.flatnonzero(held)
+    if not units.size:
+        return [], source, None
+    mean = float(b[units].mean())
+    if beta is not None and not float(beta[units].mean()) <= 0.5 * mean:
+        source = "running_stats"  # beta explains less than half of the shift
+    return units.tolist(), source, mean
 
 
 def _step(value: Any) -> int | None:

@@ -32,6 +32,7 @@ from reludoctor.remedies import (
     add_batch_norm,
     kaiming_init,
     lower_learning_rate,
+    reset_norm_shift,
     swap_activation,
 )
 from reludoctor.report.model import Report
@@ -62,6 +63,8 @@ def _apply(
         return add_batch_norm(model, optimizer)
     if code == "lower_learning_rate":
         return lower_learning_rate(optimizer, options.get("factor", 10.0))
+    if code == "reset_norm_shift":
+        return reset_norm_shift(model)
     if code == "revive_units":
         from reludoctor.scan import scan
 
@@ -85,6 +88,7 @@ TREATABLE = (
     "batch_norm",
     "lower_learning_rate",
     "revive_units",
+    "reset_norm_shift",
 )
 
 

@@ -64,7 +64,12 @@ class LayerReport:
     start_dead_fraction: float | None = None
     start_preact_mean: float | None = None
     start_preact_std: float | None = None
+    #: Dead units held below 0 by a negative shift added last to their input; what sets it
+    #: ("bias": a Linear/Conv bias, "norm_shift": a normalisation layer's beta,
+    #: "running_stats": batch norm's running statistics in eval) and its mean over them.
     bias_held_units: list[int] | None = None
+    held_by: Literal["bias", "norm_shift", "running_stats"] | None = None
+    held_shift_mean: float | None = None
     #: Pre-activation histograms on shared bins: ``edges``, ``start`` (first batch) and
     #: ``end`` (last sampled step) counts; see :func:`reludoctor.tracker.preactivation_histogram`.
     preact_histogram: dict[str, Any] | None = None
