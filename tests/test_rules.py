@@ -165,6 +165,16 @@ def test_negative_bias_needs_most_dead_units_held():
     assert isinstance(rules.negative_bias(Observations([layer()], []), T)[0], Unjudged)
 
 
+def test_a_cause_of_death_is_named_only_when_the_deaths_matter():
+    # a healthy, sparsely firing layer: 1 of 50 units silent, held by its (negative) bias
+    sparse = layer(dead=[7], units=50, bias_held_units=[7])
+    assert codes(rules.negative_bias(Observations([sparse], []), T)) == []
+    many = layer(dead=range(5), units=50, bias_held_units=list(range(5)))  # 10%
+    assert codes(rules.negative_bias(Observations([many], []), T)) == ["negative_bias"]
+    lower = rules.Thresholds(cause_min_dead_fraction=0.01)
+    assert codes(rules.negative_bias(Observations([sparse], []), lower)) == ["negative_bias"]
+
+
 def test_high_learning_rate_needs_deaths_and_large_updates():
     died = layer(dead=range(8), start_dead_fraction=0.0)
     big = [window(0)]

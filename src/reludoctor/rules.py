@@ -55,6 +55,10 @@ class Thresholds:
     deep_layers: int = 6
     #: Share of a layer's dead units that a negative bias holds below 0 to name the bias.
     negative_bias_share: float = 0.5
+    #: A cause of death (a bias or shift holding units below 0) is named for a layer only
+    #: when at least this share of its units are dead: a few silent units in a layer that
+    #: fires sparsely is a known healthy pattern, not a problem with a cause.
+    cause_min_dead_fraction: float = 0.10
     #: Largest per-step update-to-weight ratio taken as "large": healthy SGD/Adam runs stay
     #: near 1e-3-1e-2 (Karpathy's rule of thumb 1e-3); seed 003's lr=10 gives > 1.
     high_update_ratio: float = 0.5
@@ -489,6 +493,8 @@ def negative_bias(obs: Observations, t: Thresholds) -> Result:
         judged = True
         held = layer.bias_held_units
         if not (layer.can_die and held) or len(held) < t.negative_bias_share * layer.dead:
+            continue
+        if layer.dead_fraction < t.cause_min_dead_fraction:
             continue
         evidence = {"held_units": held[:EVIDENCE_UNITS], "held": len(held), "dead": layer.dead}
         if layer.held_by in ("norm_shift", "running_stats"):
