@@ -122,6 +122,14 @@ def test_exploding_gradients_growth_and_nan_loss():
     growing = [window(0, grads=[1.0, 1.0]), window(1, grads=[1e4, 1.0])]
     [finding] = findings(rules.exploding_gradients(Observations([], growing), T))
     assert finding.evidence["growth"] == {"l0": 1e4}
+    assert finding.message == (
+        "gradients explode: the first layer's gradient norm is 10,000x the last's; "
+        "gradient norms grew since the first window in l0 10,000x"
+    )
+    many = [window(0, grads=[1.0] * 5), window(1, grads=[1e4, 2e5, 3e6, 4e7, 1.0])]
+    [finding] = findings(rules.exploding_gradients(Observations([], many), T))
+    assert "in l3 4e+07x, l2 3e+06x, l1 200,000x and 1 more layers" in finding.message
+    assert "{" not in finding.message
     steady = [window(0, grads=[1.0, 1.0]), window(1, grads=[50.0, 1.0])]
     assert codes(rules.exploding_gradients(Observations([], steady), T)) == []
     nan = [window(0, grads=[1.0]), window(1, grads=[1.0], loss_nonfinite=True)]

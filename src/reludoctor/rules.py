@@ -394,14 +394,36 @@ def exploding_gradients(obs: Observations, t: Thresholds) -> Result:
             "exploding_gradients",
             "error",
             layer,
-            "gradients explode: "
-            + "; ".join(
-                f"{k.replace('_', ' ')} {v if not isinstance(v, float) else f'{v:.2g}'}"
-                for k, v in evidence.items()
-            ),
+            f"gradients explode: {_explosion(evidence)}",
             {**evidence, "steps": _span(obs.windows)},
         )
     ]
+
+
+def _explosion(evidence: dict[str, Any]) -> str:
+    """The exploding-gradient evidence in words: the worst layers first, rounded."""
+    parts = []
+    if "ratio_first_to_last" in evidence:
+        ratio = _times(evidence["ratio_first_to_last"])
+        parts.append(f"the first layer's gradient norm is {ratio} the last's")
+    growth = sorted(evidence.get("growth", {}).items(), key=lambda item: -item[1])
+    if growth:
+        worst = ", ".join(f"{name} {_times(factor)}" for name, factor in growth[:3])
+        more = f" and {len(growth) - 3} more layers" if len(growth) > 3 else ""
+        parts.append(f"gradient norms grew since the first window in {worst}{more}")
+    if "nonfinite_loss_windows" in evidence:
+        windows = evidence["nonfinite_loss_windows"]
+        parts.append(f"the loss was NaN or infinite in {_count(len(windows), 'window')}")
+    return "; ".join(parts)
+
+
+def _times(factor: float) -> str:
+    """A large factor, readable: "12,000x", "3.4e+07x"."""
+    return f"{factor:,.0f}x" if factor < 1e6 else f"{factor:.2g}x"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 # -- causes ------------------------------------------------------------------------------------
