@@ -99,6 +99,35 @@ def test_loss_plateau_flat_versus_learning_and_converged():
     assert isinstance(note, Unjudged) and "NaN" in note.reason
 
 
+def test_one_window_of_losses_is_too_early_for_a_plateau():
+    [note] = rules.loss_plateau(Observations([], [window(0, curve=[2.0] * 8)]), T)
+    assert isinstance(note, Unjudged) and "too early" in note.reason
+
+
+def test_a_noisy_flat_loss_says_its_noise_in_words():
+    noisy = [window(0, curve=[2.0] * 8), window(1, curve=[2.0, 2.6, 1.5, 2.4, 1.7, 2.5, 1.6, 2.3])]
+    [finding] = findings(rules.loss_plateau(Observations([], noisy), T))
+    assert "within its step-to-step noise, which hides changes under" in finding.message
+    assert "counts as progress" not in finding.message
+
+
+def test_a_diverging_loss_is_its_own_symptom_not_a_plateau():
+    # the lr=10 run: the loss swings within the last window, far above where it started
+    diverging = [
+        window(0, curve=[2.3, 40.0, 300.0, 250.0]),
+        window(1, curve=[500.0, 150.0, 300.0, 200.0, 280.0, 240.0]),
+    ]
+    assert codes(rules.loss_plateau(Observations([], diverging), T)) == []
+    [finding] = findings(rules.loss_diverging(Observations([], diverging), T))
+    assert finding.code == "loss_diverging" and finding.severity == "error"
+    assert finding.message == (
+        "the loss diverges: it rose from 2.3 at the first step to about 240 now, 104 times as high"
+    )
+    assert finding.remedies[0] == "lower_learning_rate"
+    learning = [window(0, curve=[2.3, 2.0, 1.8, 1.5]), window(1, curve=[1.4, 1.3, 1.2, 1.1])]
+    assert codes(rules.loss_diverging(Observations([], learning), T)) == []
+
+
 def test_identical_outputs_threshold():
     assert codes(rules.identical_outputs(Observations([], [window(spread=1e-5)]), T)) == [
         "identical_outputs"

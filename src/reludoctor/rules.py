@@ -36,6 +36,8 @@ class Thresholds:
     plateau_improvement: float = 0.01
     #: Once the loss fell by this much since the first window, a flat window is convergence.
     plateau_learned: float = 0.10
+    #: A loss risen this much above its first step's (1.0: doubled) diverges.
+    diverging_rise: float = 1.0
     #: Output spread across the batch (std over RMS) below this: the outputs are identical.
     #: Healthy networks show 0.1-1; seed 003's collapsed ones show exactly 0.
     identical_spread: float = 1e-3
@@ -120,6 +122,7 @@ SYMPTOM_REMEDIES: dict[str, tuple[str, ...]] = {
     "dead_units": ("revive_units", "leaky_relu", "kaiming_init", "lower_learning_rate"),
     "dying_units": ("lower_learning_rate", "revive_units", "leaky_relu"),
     "loss_plateau": ("revive_units", "leaky_relu", "kaiming_init"),
+    "loss_diverging": ("lower_learning_rate", "normalize_inputs", "batch_norm"),
     "identical_outputs": ("kaiming_init", "lower_learning_rate", "leaky_relu"),
     "vanishing_gradients": ("batch_norm", "skip_connections", "kaiming_init"),
     "exploding_gradients": ("lower_learning_rate", "batch_norm", "kaiming_init"),
@@ -264,14 +267,24 @@ def dying_units(obs: Observations, t: Thresholds) -> Result:
     return findings
 
 
+def _loss_windows(obs: Observations, code: str) -> list[Window] | Unjudged:
+    """The windows with finite losses recorded, or why there are none."""
+    windows = [w for w in obs.windows if w.loss_curve]
+    if windows:
+        return windows
+    reason = "no finite losses recorded (pass loss= to doc.step)"
+    if any(w.loss_nonfinite for w in obs.windows):
+        reason = "the losses are NaN or infinite"
+    return Unjudged(code, reason)
+
+
 def loss_plateau(obs: Observations, t: Thresholds) -> Result:
     """The loss stopped improving over the last window without ever having improved."""
-    windows = [w for w in obs.windows if w.loss_curve]
-    if not windows:
-        reason = "no finite losses recorded (pass loss= to doc.step)"
-        if any(w.loss_nonfinite for w in obs.windows):
-            reason = "the losses are NaN or infinite"
-        return [Unjudged("loss_plateau", reason)]
+    windows = _loss_windows(obs, "loss_plateau")
+    if isinstance(windows, Unjudged):
+        return [windows]
+    if len(windows) < 2:
+        return [Unjudged("loss_plateau", "one window of losses: too early to call a plateau")]
     last = windows[-1]
     curve = last.loss_curve
     if len(curve) < 4:
@@ -285,17 +298,23 @@ def loss_plateau(obs: Observations, t: Thresholds) -> Result:
     overall = (start - statistics.fmean(late)) / max(abs(start), 1e-12)
     if statistics.fmean(late) <= 1e-8 * max(abs(start), 1.0):
         return []  # the loss reached ~0: converged
-    flat = abs(improvement) < max(t.plateau_improvement, 2 * noise)  # rising is not flat
+    if -overall >= t.diverging_rise:
+        return []  # not a plateau: loss_diverging says it
+    bar = max(t.plateau_improvement, 2 * noise)
+    flat = abs(improvement) < bar  # rising is not flat
     if not flat or overall >= t.plateau_learned:
         return []
+    if bar > t.plateau_improvement:
+        within = f"within its step-to-step noise, which hides changes under {bar:.1%}"
+    else:
+        within = f"under the {bar:.1%} that counts as progress"
     return [
         _symptom(
             "loss_plateau",
             "warning",
             None,
             f"the loss stopped improving: it {_change(improvement)} over the last window "
-            f"(under the {max(t.plateau_improvement, 2 * noise):.1%} that counts as progress "
-            f"here) and {_change(overall)} since the first step; now near "
+            f"({within}) and {_change(overall)} since the first step; now near "
             f"{statistics.fmean(late):.4g}",
             {
                 "improvement_last_window": round(improvement, 5),
@@ -304,6 +323,28 @@ def loss_plateau(obs: Observations, t: Thresholds) -> Result:
                 "loss_now": statistics.fmean(late),
                 "steps": [last.start_step, last.end_step],
             },
+        )
+    ]
+
+
+def loss_diverging(obs: Observations, t: Thresholds) -> Result:
+    """The loss rose far above where it started: the run diverges."""
+    windows = _loss_windows(obs, "loss_diverging")
+    if isinstance(windows, Unjudged):
+        return [windows]
+    start = windows[0].loss_curve[0]
+    curve = windows[-1].loss_curve
+    now = statistics.fmean(curve[len(curve) // 2 :])
+    if start <= 0 or now < start * (1 + t.diverging_rise):
+        return []
+    return [
+        _symptom(
+            "loss_diverging",
+            "error",
+            None,
+            f"the loss diverges: it rose from {start:.4g} at the first step to about {now:.4g} "
+            f"now, {now / start:.3g} times as high",
+            {"loss_start": start, "loss_now": now, "steps": _span(obs.windows)},
         )
     ]
 
@@ -750,6 +791,7 @@ RULES: tuple[Rule, ...] = (
     dead_units,
     dying_units,
     loss_plateau,
+    loss_diverging,
     identical_outputs,
     vanishing_gradients,
     exploding_gradients,
@@ -766,6 +808,7 @@ RULES: tuple[Rule, ...] = (
 LIVE_RULES: tuple[Rule, ...] = (
     dying_units,
     loss_plateau,
+    loss_diverging,
     identical_outputs,
     vanishing_gradients,
     exploding_gradients,
