@@ -329,3 +329,19 @@ def observations(draw):
 def test_no_rule_raises_on_arbitrary_history(rule, obs):
     for result in rule(obs, T):
         assert isinstance(result, (Finding, Unjudged))
+
+
+def test_remedies_fit_the_activation_and_the_evidence_about_the_rate():
+    collapsed = [window(0, spread=1e-5)]
+    gelu = [layer(f"a{i}:gelu", kind="gelu") for i in range(3)]
+    [finding] = [f for f in run_rules(Observations(gelu, collapsed)).findings]
+    assert finding.code == "identical_outputs"
+    assert not set(finding.remedies) & (rules.RECTIFIER_REMEDIES | {"lower_learning_rate"})
+    relu = [layer("a0:relu", dead=range(3))]
+    by_code = {f.code: f for f in run_rules(Observations(relu, collapsed)).findings}
+    assert "kaiming_init" in by_code["identical_outputs"].remedies  # ReLU units: they fit
+    assert "lower_learning_rate" not in by_code["dead_units"].remedies  # nothing on the rate
+    rate = [window(0, spread=1e-5, curve=[2.0, 2.0]), window(1, curve=[9.0, 9.0])]
+    by_code = {f.code: f for f in run_rules(Observations(relu, rate)).findings}
+    assert "loss_diverging" in by_code
+    assert "lower_learning_rate" in by_code["dead_units"].remedies

@@ -833,7 +833,7 @@ def run_rules(
             continue
         for result in results:
             (unjudged if isinstance(result, Unjudged) else findings).append(result)
-    return Diagnosis(_rank_remedies(_grade_causes(findings)), unjudged)
+    return Diagnosis(_fit_remedies(_rank_remedies(_grade_causes(findings)), obs), unjudged)
 
 
 def _grade_causes(findings: list[Finding]) -> list[Finding]:
@@ -851,6 +851,32 @@ def _grade_causes(findings: list[Finding]) -> list[Finding]:
             finding = replace(finding, severity=severity)
         graded.append(finding)
     return graded
+
+
+#: Remedies for units of a ReLU-family activation (a unit that can die).
+RECTIFIER_REMEDIES = frozenset({"kaiming_init", "leaky_relu", "prelu", "elu", "revive_units"})
+#: Findings that are themselves evidence about the learning rate.
+RATE_EVIDENCE = frozenset(
+    {"high_learning_rate", "loss_diverging", "exploding_gradients", "nonfinite_values"}
+)
+
+
+def _fit_remedies(findings: list[Finding], obs: Observations) -> list[Finding]:
+    """Keep the remedies that fit this network and this evidence: none for ReLU units in a
+    network with no ReLU-family activation (GELU, SiLU, ...), and no lower learning rate
+    unless a finding says something about the rate."""
+    rectified = not obs.layers or any(layer.can_die for layer in obs.layers)
+    rate_evidence = any(f.code in RATE_EVIDENCE for f in findings)
+    fitted = []
+    for finding in findings:
+        keep = [
+            remedy
+            for remedy in finding.remedies
+            if (rectified or remedy not in RECTIFIER_REMEDIES)
+            and (rate_evidence or remedy != "lower_learning_rate")
+        ]
+        fitted.append(replace(finding, remedies=tuple(keep)))
+    return fitted
 
 
 def _rank_remedies(findings: list[Finding]) -> list[Finding]:
