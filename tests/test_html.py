@@ -145,3 +145,27 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
         report.save_html(target)
     assert target.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_dormant_counts_read_the_same_in_the_table_and_the_unit_grid():
+    from conftest import layer_report
+
+    from reludoctor.report import plots
+
+    layer = layer_report(units=10, dead=[0, 1], dormant_units=[0, 1, 2, 3], fire_rate=[0.0] * 10)
+    grid = plots.unit_grids([layer])
+    assert "4 dormant (2 of them dead)" in grid and "dormant, not dead" in grid
+    report = Report(layers=[layer], windows=[], findings=[], unjudged=[], meta={})
+    row = re.search(r"<tr[^>]*><td class=name>fc:relu</td>.*?</tr>", render_html(report), re.S)
+    assert row is not None and "<td class=num>4</td>" in row.group(0)
+    assert layer.dormant == 4
+
+
+def test_the_header_counts_in_words_one_window_one_step_one_layer():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with rd.watch(model, window=5) as doc:
+        model(torch.randn(8, 3)).sum().backward()
+        doc.step()
+    header = render_html(doc.report()).split("</header>")[0]
+    assert "1 step" in header and "1 window of 5 steps" in header
+    assert "1 activation layer" in header and "1 windows" not in header

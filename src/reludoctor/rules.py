@@ -18,6 +18,7 @@ from typing import Any
 from reludoctor.facts import ACTIVATION_GAIN, LayerFacts, ModelFacts
 from reludoctor.findings import Finding
 from reludoctor.report.model import LayerReport, Window
+from reludoctor.text import counted
 
 #: How many unit indices a finding quotes as evidence (the report holds all of them).
 EVIDENCE_UNITS = 20
@@ -454,17 +455,13 @@ def _explosion(evidence: dict[str, Any]) -> str:
         parts.append(f"gradient norms grew since the first window in {worst}{more}")
     if "nonfinite_loss_windows" in evidence:
         windows = evidence["nonfinite_loss_windows"]
-        parts.append(f"the loss was NaN or infinite in {_count(len(windows), 'window')}")
+        parts.append(f"the loss was NaN or infinite in {counted(len(windows), 'window')}")
     return "; ".join(parts)
 
 
 def _times(factor: float) -> str:
     """A large factor, readable: "12,000x", "3.4e+07x"."""
     return f"{factor:,.0f}x" if factor < 1e6 else f"{factor:.2g}x"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 # -- causes ------------------------------------------------------------------------------------

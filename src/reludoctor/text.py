@@ -41,3 +41,12 @@ def printable(text: object, *, keep_newlines: bool = False) -> str:
 def markup_safe(text: object) -> str:
     """:func:`printable` text with rich markup escaped, to place inside a markup string."""
     return escape(printable(text))
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``counted(1, "window")`` is "1 window".
+
+    >>> counted(3, "step")
+    '3 steps'
+    """
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

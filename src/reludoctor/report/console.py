@@ -70,7 +70,7 @@ def summary(report: Report, max_layers: int = 10) -> Group:
             str(layer.units),
             dead,
             _percent(layer.dead_fraction),
-            str(len(layer.dormant_units)) if layer.fire_rate is not None else "-",
+            str(layer.dormant) if layer.fire_rate is not None else "-",
             f"{layer.grad_norm:.3g}" if layer.grad_norm is not None else "-",
             style=style,
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 from reludoctor.findings import REMEDIES, REMEDY_CODE, Finding
 from reludoctor.report import plots
 from reludoctor.report.model import Report, atomic_write_text
-from reludoctor.text import printable
+from reludoctor.text import counted, printable
 
 #: Rows of the worst-layers table.
 TABLE_LAYERS = 10
@@ -127,7 +127,8 @@ def render_html(report: Report) -> str:
             plots.unit_grids(report.worst_layers(plots.PANELS)),
             "One cell per unit: alive, dormant (mean |output| at most "
             f"{meta.get('dormancy_threshold', 0.025)} of its layer's mean), or dead (never "
-            "positive in the last window).",
+            "positive in the last window). Dormant counts include the dead units, here as in "
+            "the layer table (ReDo's definition).",
             "no activation layer was seen",
         ),
         _section(
@@ -169,11 +170,11 @@ def _header(report: Report) -> str:
     facts = [
         f"model {_e(meta.get('model', '?'))}",
         "ran under torch.compile" if meta.get("compiled") is True else None,
-        f"{_e(meta['steps'])} steps" if "steps" in meta else None,
-        f"{len(report.windows)} windows of {_e(meta['window'])} steps"
-        if "window" in meta
+        _e(counted(meta["steps"], "step")) if isinstance(meta.get("steps"), int) else None,
+        f"{counted(len(report.windows), 'window')} of {_e(counted(meta['window'], 'step'))}"
+        if isinstance(meta.get("window"), int)
         else None,
-        f"{len(report.layers)} activation layers",
+        counted(len(report.layers), "activation layer"),
         f"created {_e(meta['created'])}" if "created" in meta else None,
     ]
     return (
@@ -245,7 +246,7 @@ def _worst_table(report: Report) -> str:
             css = ' class="bad"'
         elif layer.can_die and layer.dead:
             css = ' class="warn"'
-        dormant = str(len(layer.dormant_units)) if layer.fire_rate is not None else "-"
+        dormant = str(layer.dormant) if layer.fire_rate is not None else "-"
         dead = _e(layer.dead) + ("*" if layer.dead and not layer.can_die else "")
         rows.append(
             f"<tr{css}><td class=name>{_e(layer.name)}</td><td>{_e(layer.kind)}</td>"

@@ -84,6 +84,12 @@ class LayerReport:
         return self.units - self.dead
 
     @property
+    def dormant(self) -> int:
+        """Dormant units (ReDo's definition, mean |output| at most tau of the layer's mean),
+        dead ones included: the count every view shows."""
+        return len(set(self.dormant_units) | set(self.dead_units))
+
+    @property
     def mean_fire_rate(self) -> float | None:
         if not self.fire_rate:
             return None

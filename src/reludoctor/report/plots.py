@@ -219,16 +219,15 @@ def unit_grids(layers: Sequence[LayerReport]) -> str | None:
             for spine in ax.spines.values():
                 spine.set_visible(False)
             more = f", first {shown} shown" if shown < layer.units else ""
-            only_dormant = len(set(layer.dormant_units) - set(layer.dead_units))
             ax.set_title(
-                f"{short(layer.name, 30)}\n{layer.dead} dead, {only_dormant} dormant "
+                f"{short(layer.name, 30)}\n{layer.dormant} dormant ({layer.dead} of them dead) "
                 f"of {layer.units}{more}",
                 fontsize=9,
             )
         handles = [Rectangle((0, 0), 1, 1, color=c) for c in (ALIVE, DORMANT, DEAD)]
         fig.legend(
             handles,
-            ["alive", "dormant", "dead"],
+            ["alive", "dormant, not dead", "dead"],
             loc="outside lower center",
             ncols=3,
             frameon=False,
