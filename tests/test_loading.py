@@ -106,3 +106,41 @@ def test_pickled_probe_data_is_refused(tmp_path):
     torch.save({"x": Fraction(1, 3)}, tmp_path / "objects.pt")
     with pytest.raises(UntrustedFileError):
         load_probe_data(tmp_path / "objects.pt")
+
+
+class ConvHead(torch.nn.Module):
+    """Conv -> ReLU module, then a Linear -> F.relu with two units held dead by their bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.act = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(6, 5)
+        with torch.no_grad():
+            self.fc.weight.abs_()  # its inputs are non-negative: each unit fires...
+            self.fc.bias.fill_(0.1)
+            self.fc.bias[[1, 3]] = -100.0  # ... but these two
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.relu(self.fc(self.act(self.conv(x)).mean((2, 3))))
+
+
+def test_an_exported_program_is_named_and_diagnosed_as_the_module_it_came_from(tmp_path):
+    import reludoctor as rd
+
+    model = ConvHead().eval()
+    probe = torch.randn(40, 3, 8, 8)
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (probe[:8],)), path)
+    exported = rd.scan(load_model(path), probe, batch_size=8)
+    original = rd.scan(model, probe, batch_size=8)
+    assert [layer.name for layer in exported.layers] == ["act", "fc:relu"]
+    assert [layer.name for layer in exported.layers] == [layer.name for layer in original.layers]
+    assert exported.layer("act").unit_dim == 1 and exported.layer("act").units == 6
+    assert exported.layer("fc:relu").dead_units == original.layer("fc:relu").dead_units == [1, 3]
+
+    def causes(report):
+        return sorted((f.code, f.layer) for f in report.findings if f.kind == "cause")
+
+    assert causes(exported) == causes(original) == [("negative_bias", "fc:relu")]

@@ -217,12 +217,27 @@ def test_model_factory_that_needs_arguments_exits_2(tmp_path, probe, monkeypatch
     assert_bad_input(result, "needs arguments (width)", "takes none")
 
 
-def test_static_batch_pt2_failing_on_its_last_batch_says_which_size(tmp_path, probe):
+def test_a_static_batch_pt2_takes_whole_batches_of_its_size_and_says_what_is_left_out(
+    tmp_path, probe
+):
     path = tmp_path / "static.pt2"
     torch.export.save(torch.export.export(mlp(), (torch.randn(8, 4),)), path)
-    # 20 samples in batches of 8: the third batch has 4
-    result = scan(path, "--data", probe, "--batch-size", 8)
-    assert_bad_input(result, "batches of 8 samples", "batch 3, of 4", "multiple of --batch-size 8")
+    for extra in ([], ["--batch-size", 5]):  # 20 samples: batches of 8, the last 4 left out
+        result = scan(path, "--data", probe, "--json", *extra)
+        assert result.exit_code in (0, 1), result.output
+        data = json.loads(result.stdout)
+        assert [layer["inputs"] for layer in data["layers"]] == [16]
+        assert data["meta"]["probe_note"].endswith(
+            "the last 4 of 20 samples left out (not a whole batch)"
+        )
+    assert data["meta"]["probe_note"].startswith("batches of 8 samples, the size the program")
+
+
+def test_a_static_batch_pt2_with_fewer_samples_than_its_batch_exits_2(tmp_path, probe):
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(mlp(), (torch.randn(32, 4),)), path)
+    result = scan(path, "--data", probe)
+    assert_bad_input(result, "exported for batches of 32 samples", "the probe data has 20")
 
 
 def test_sparse_probe_data_exits_2(tmp_path, exported):

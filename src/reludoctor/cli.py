@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from reludoctor.monitor import silenced_live_findings
 from reludoctor.report.console import print_study, print_summary, print_treatment
 from reludoctor.report.model import Report
 from reludoctor.text import markup_safe
+
+if TYPE_CHECKING:
+    import torch
 
 #: Exit codes of ``scan`` (and of every command for bad input or a failure of its own):
 #: 1 is kept for "a finding at error severity", so a CI gate can tell it from the rest.
@@ -208,8 +211,13 @@ def scan(
     ] = None,
     data_key: Annotated[str | None, typer.Option(help="Array to use from an .npz file.")] = None,
     batch_size: Annotated[
-        int, typer.Option(min=1, max=2**63 - 1, help="Samples per batch (at most int64's).")
-    ] = 256,
+        int | None,
+        typer.Option(
+            min=1,
+            max=2**63 - 1,
+            help="Samples per batch (default 256; a .pt2 exported for a fixed batch size: that).",
+        ),
+    ] = None,
     trust: Annotated[
         bool, typer.Option(help="Allow pickled files that can run code when loaded.")
     ] = False,
@@ -221,22 +229,34 @@ def scan(
 ) -> None:
     """Scan a saved model with probe data. Exit 0 healthy, 1 error findings, 2 bad input."""
     import reludoctor
-    from reludoctor.loading import load_model, load_probe_data
+    from reludoctor.loading import exported_batch_size, load_model, load_probe_data
 
     console = Console(stderr=as_json)
+    note = None
     try:
         inputs = load_probe_data(data, key=data_key)
-        example = inputs[: min(len(inputs), batch_size)] if inputs.dim() else None
+        example = inputs[: min(len(inputs), batch_size or 256)] if inputs.dim() else None
         module = load_model(checkpoint, factory=model, trust=trust, example=example)
+        fixed = exported_batch_size(module) if inputs.dim() else None
+        if fixed is not None:
+            inputs, note = _fit_exported_batch(inputs, fixed, batch_size)
+            batch_size = fixed
         # a bar drawn where no terminal shows it leaves a blank line before any error
         with _progress(console, quiet or as_json or not console.is_terminal) as progress:
             task = progress.add_task("scanning", total=len(inputs) if inputs.dim() else None)
             report = reludoctor.scan(
-                module, inputs, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n)
+                module,
+                inputs,
+                batch_size=batch_size or 256,
+                on_batch=lambda n: progress.advance(task, n),
             )
     except InputError as error:
         raise _fail(str(error)) from error
     report.meta["checkpoint"] = str(checkpoint)
+    if note is not None:
+        report.meta["probe_note"] = note
+        if not quiet:
+            error_console().print(f"note: {note}", markup=False)
     if out is not None:
         _write_report(report, out)
     if as_json:
@@ -244,6 +264,26 @@ def scan(
     else:
         print_summary(report, console)
     raise typer.Exit(EXIT_HEALTHY if report.healthy else EXIT_FINDINGS)
+
+
+def _fit_exported_batch(
+    inputs: torch.Tensor, fixed: int, asked: int | None
+) -> tuple[torch.Tensor, str | None]:
+    """Probe data cut to whole batches of ``fixed`` samples (what a program exported with
+    a fixed batch size takes), and a note of what was changed, if anything."""
+    samples = len(inputs)
+    if samples < fixed:
+        raise InputError(
+            f"the program was exported for batches of {fixed} samples and the probe data has "
+            f"{samples}: give at least {fixed}, or export it with a dynamic batch dimension"
+        )
+    notes = []
+    if asked is not None and asked != fixed:
+        notes.append(f"batches of {fixed} samples, the size the program was exported for")
+    dropped = samples % fixed
+    if dropped:
+        notes.append(f"the last {dropped} of {samples} samples left out (not a whole batch)")
+    return inputs[: samples - dropped], "; ".join(notes) or None
 
 
 @app.command()

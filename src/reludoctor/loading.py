@@ -539,3 +539,18 @@ def _plain_expression(text: str) -> bool:
         elif not isinstance(node, _ARITHMETIC):
             return False
     return True
+
+
+def exported_batch_size(model: nn.Module) -> int | None:
+    """The batch size a ``torch.export`` graph was exported for, when its first input's
+    leading dimension is fixed (a plain number, not a symbol); None otherwise."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return None
+    for node in model.graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta.get("val")
+            shape = getattr(value, "shape", None)
+            if shape and isinstance(shape[0], int):
+                return int(shape[0])
+            return None
+    return None

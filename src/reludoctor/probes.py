@@ -913,12 +913,14 @@ class Probes:
             if node is None:
                 return self._site(self.root_name, kind, "functional", None, x)
             owner, via = self.root_name, "functional"
-            stack = node.meta.get("nn_module_stack") or {}
-            if stack:
-                path, module_type = list(stack.values())[-1]
+            innermost = _innermost_module(node)
+            if innermost is not None:
+                path, module_type = innermost
                 owner = path or self.root_name
                 via = "module" if _is_activation_type(module_type) else "functional"
-            return self._site(owner, kind, via, node.name, x)
+            source = node.args[0] if node.args else None
+            producer = _innermost_module(source) if isinstance(source, torch.fx.Node) else None
+            return self._site(owner, kind, via, node.name, x, producer)
 
         return self._layer(("aten", n), describe, x)
 
@@ -935,7 +937,17 @@ class Probes:
             walk = walk.f_back
         return self.root_name
 
-    def _site(self, owner: str, kind: str, via: str, source: str | None, x: torch.Tensor) -> Site:
+    def _site(
+        self,
+        owner: str,
+        kind: str,
+        via: str,
+        source: str | None,
+        x: torch.Tensor,
+        graph_producer: tuple[str, Any] | None = None,
+    ) -> Site:
+        """Where an activation runs; ``graph_producer`` is (module path, module type) of what
+        produced its input in an exported graph, whose modules are not the originals."""
         producer = self._producer_of(x)
         follows_base = False
         if producer is None:
@@ -944,6 +956,11 @@ class Probes:
             if producer is not None:
                 x, follows_base = base, True
         producer_name = self.module_names.get(id(producer)) if producer is not None else None
+        weight, bias = self._weight_upstream(producer), _direct_bias(producer)
+        unit_dim = _unit_dim(x, producer)
+        if producer is None and graph_producer is not None and graph_producer[0]:
+            producer_name = graph_producer[0]
+            weight, bias, unit_dim = self._exported_parameters(*graph_producer, x)
         name = f"{producer_name or owner}:{kind}" if via == "functional" else owner
         unique, n = name, 1
         while unique in self._names:
@@ -956,13 +973,31 @@ class Probes:
             via=via,
             source=source,
             producer=producer_name,
-            unit_dim=_unit_dim(x, producer),
-            weight=self._weight_upstream(producer),
-            bias=_direct_bias(producer),
+            unit_dim=unit_dim,
+            weight=weight,
+            bias=bias,
             shift_source=producer if _norm_shift(producer) is not None else None,
             shift_in_eval=producer is not None and not producer.training,
             follows_base=follows_base,
         )
+
+    def _exported_parameters(
+        self, path: str, module_type: Any, x: torch.Tensor
+    ) -> tuple[nn.Parameter | None, nn.Parameter | None, int]:
+        """(weight, bias, unit dim) of the Linear/Conv at ``path`` of an exported graph,
+        whose parameters keep their original names."""
+        type_name = module_type if isinstance(module_type, str) else module_type.__qualname__
+        conv = type_name.endswith(("Conv1d", "Conv2d", "Conv3d"))
+        unit_dim = 1 if conv and x.dim() >= 3 else max(x.dim() - 1, 0)
+        if not (conv or type_name.endswith("Linear")):
+            return None, None, unit_dim
+        found = []
+        for name in ("weight", "bias"):
+            try:
+                found.append(self.model.get_parameter(f"{path}.{name}"))
+            except AttributeError:
+                found.append(None)
+        return found[0], found[1], unit_dim
 
     def _weight_upstream(self, producer: nn.Module | None) -> nn.Parameter | None:
         """The weight whose rows feed this activation's units (Linear/Conv), if found."""
@@ -1160,6 +1195,12 @@ def norm_shift(site: Site) -> tuple[torch.Tensor, torch.Tensor] | None:
     gamma = module.weight.detach().float() if module.weight is not None else torch.ones_like(beta)
     std = (module.running_var.float() + module.eps).sqrt()
     return beta - gamma * module.running_mean.float() / std, beta
+
+
+def _innermost_module(node: torch.fx.Node) -> tuple[str, Any] | None:
+    """(path, type) of the innermost module an exported graph's node ran in, if recorded."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1] if stack else None
 
 
 def _is_activation_type(module_type: Any) -> bool:
