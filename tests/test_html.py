@@ -169,3 +169,38 @@ def test_the_header_counts_in_words_one_window_one_step_one_layer():
     header = render_html(doc.report()).split("</header>")[0]
     assert "1 step" in header and "1 window of 5 steps" in header
     assert "1 activation layer" in header and "1 windows" not in header
+
+
+def test_gradients_of_one_window_are_bars_and_many_windows_lines():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+
+    def plot(steps: int) -> str:
+        with rd.watch(model, window=5, sample_every=1) as doc:
+            for _ in range(steps):
+                model(torch.randn(16, 4)).sum().backward()
+                doc.step()
+        from reludoctor.report import plots
+
+        return plots.gradient_norms(doc.report())
+
+    assert "one window, to step 5" in plot(5)
+    lines = plot(15)
+    assert "step (end of window)" in lines and "one window" not in lines
+
+
+def test_a_symlog_gradient_axis_has_ticks_only_at_zero_and_whole_decades():
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from reludoctor.report.plots import _gradient_scale
+
+    fig, ax = plt.subplots()
+    try:
+        _gradient_scale(ax.yaxis, ax.set_yscale, np.array([0.0, 0.0011, 160.0]))
+        assert ax.get_yscale() == "symlog"
+        assert list(ax.yaxis.get_major_locator().locs) == [0.0, *(10.0**d for d in range(-3, 4))]
+        _gradient_scale(ax.xaxis, ax.set_xscale, np.array([0.5, 2.0]))  # within 100x: linear
+        assert ax.get_xscale() == "linear"
+    finally:
+        plt.close(fig)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -19,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FixedLocator, NullLocator
 
 from reludoctor.report.model import LayerReport, Report, Window
 from reludoctor.text import printable
@@ -276,6 +278,8 @@ def gradient_norms(report: Report) -> str | None:
     names, matrix = _layer_matrix(report, "grad_norm")
     if not report.windows or np.isnan(matrix).all():
         return None
+    if len(report.windows) == 1:
+        return _gradient_bars(names, matrix[:, 0], report.windows[0])
     if len(names) <= LINE_LAYERS:
         with _figure(9.5, 3.2) as fig:
             ax = fig.add_subplot()
@@ -283,13 +287,7 @@ def gradient_norms(report: Report) -> str | None:
             for name, row in zip(names, matrix, strict=True):
                 if not np.isnan(row).all():
                     ax.plot(steps, row, marker="o", markersize=3, linewidth=1.2, label=short(name))
-            finite = matrix[np.isfinite(matrix)]
-            positive = finite[finite > 0]
-            if positive.size and finite.max() > 100 * positive.min():
-                if finite.min() > 0:
-                    ax.set_yscale("log")
-                else:  # zero gradients (dead layers) stay on the axis
-                    ax.set_yscale("symlog", linthresh=float(positive.min()))
+            _gradient_scale(ax.yaxis, ax.set_yscale, matrix)
             ax.set_xlabel("step (end of window)")
             ax.set_ylabel("gradient norm")
             fig.legend(loc="outside right upper", frameon=False, fontsize=8)
@@ -306,3 +304,39 @@ def gradient_norms(report: Report) -> str | None:
             image, ax=ax, label="log10 gradient norm (grey: 0 or not measured)", **COLORBAR
         )
         return _svg(fig)
+
+
+def _gradient_bars(names: Sequence[str], norms: np.ndarray, window: Window) -> str:
+    """One window: each layer's gradient norm as a bar (a line of one point says nothing)."""
+    shown = [(name, norm) for name, norm in zip(names, norms, strict=True) if np.isfinite(norm)]
+    with _figure(9.5, _height_for(len(shown))) as fig:
+        ax = fig.add_subplot()
+        values = np.array([norm for _, norm in shown])
+        ax.barh(range(len(shown)), values, color=ALIVE, height=0.6)
+        for row, value in enumerate(values):
+            ax.annotate(f" {value:.3g}", (value, row), va="center", fontsize=8)
+        _layer_axis(ax, [name for name, _ in shown])
+        ax.invert_yaxis()
+        _gradient_scale(ax.xaxis, ax.set_xscale, values)
+        ax.set_xlabel(f"gradient norm (one window, to step {window.end_step})")
+        return _svg(fig)
+
+
+def _gradient_scale(axis: Any, set_scale: Callable[..., None], values: np.ndarray) -> None:
+    """A log scale where norms span over 100x; symlog when some are exactly 0 (dead layers
+    stay on the axis), with ticks only at 0 and whole decades so labels never crowd."""
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    if not positive.size or finite.max() <= 100 * positive.min():
+        return
+    if finite.min() > 0:
+        set_scale("log")
+        return
+    threshold = 10.0 ** math.floor(math.log10(float(positive.min())))
+    set_scale("symlog", linthresh=threshold, linscale=0.3)
+    decades = range(int(math.log10(threshold)), math.ceil(math.log10(float(finite.max()))) + 1)
+    ticks = [0.0, *(10.0**d for d in decades)]
+    if len(ticks) > 8:  # many decades: every other one
+        ticks = [0.0, *ticks[1::2]]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_minor_locator(NullLocator())
