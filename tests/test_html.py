@@ -204,3 +204,14 @@ def test_a_symlog_gradient_axis_has_ticks_only_at_zero_and_whole_decades():
         assert ax.get_xscale() == "linear"
     finally:
         plt.close(fig)
+
+
+def test_asinh_histogram_ticks_are_few_and_never_crowd_zero():
+    from reludoctor.report.plots import _asinh_ticks
+
+    ticks = _asinh_ticks(-2e4, 30.0, 0.1)
+    assert 0.0 in ticks and ticks == sorted(ticks)
+    negative, positive = [t for t in ticks if t < 0], [t for t in ticks if t > 0]
+    assert 1 <= len(negative) <= 3 and 1 <= len(positive) <= 3
+    assert min(abs(t) for t in ticks if t) >= 0.3  # 3 linear widths from 0
+    assert -1e4 in negative  # the far end is labelled

@@ -263,7 +263,10 @@ def preactivation_histograms(layers: Sequence[LayerReport]) -> str | None:
                     label=label,
                 )
             if histogram.get("scale") == "asinh":
-                ax.set_xscale("asinh", linear_width=histogram["linear_width"])
+                width = histogram["linear_width"]
+                ax.set_xscale("asinh", linear_width=width)
+                ax.xaxis.set_major_locator(FixedLocator(_asinh_ticks(edges[0], edges[-1], width)))
+                ax.xaxis.set_minor_locator(NullLocator())
             ax.axvline(0, color=DEAD, linewidth=1, linestyle="--")
             ax.set_title(f"{short(layer.name, 30)} ({layer.dead_fraction:.0%} dead)", fontsize=9)
             ax.set_yticks([])
@@ -340,3 +343,17 @@ def _gradient_scale(axis: Any, set_scale: Callable[..., None], values: np.ndarra
         ticks = [0.0, *ticks[1::2]]
     axis.set_major_locator(FixedLocator(ticks))
     axis.set_minor_locator(NullLocator())
+
+
+def _asinh_ticks(low: float, high: float, linear_width: float, per_side: int = 3) -> list[float]:
+    """Ticks for an asinh axis from ``low`` to ``high``: 0 and whole decades, none closer to
+    0 than 3 linear widths, at most ``per_side`` a side (every other decade, and so on)."""
+    ticks = [0.0]
+    for sign, end in ((-1.0, -low), (1.0, high)):
+        if end <= 3 * linear_width:
+            continue
+        first = math.ceil(math.log10(3 * linear_width))
+        decades = list(range(first, math.floor(math.log10(end)) + 1))
+        step = max(1, math.ceil(len(decades) / per_side))
+        ticks += [sign * 10.0**d for d in decades[::-1][::step]]
+    return sorted(ticks)
