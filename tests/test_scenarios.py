@@ -16,7 +16,7 @@ def run(key: str):
     return scenario, result
 
 
-@pytest.mark.parametrize("key", ["e1", "e3", "e4", "e5"])
+@pytest.mark.parametrize("key", ["e1", "e3", "e4", "e5", "transformer-high-lr"])
 def test_seed_experiment_yields_exactly_its_known_causes(key):
     scenario, result = run(key)
     report = result.report
@@ -30,7 +30,7 @@ def test_seed_experiment_yields_exactly_its_known_causes(key):
     assert report.remedies()[: len(cause.remedies)] == list(cause.remedies)
 
 
-@pytest.mark.parametrize("key", ["e2", "digits-mlp", "digits-cnn"])
+@pytest.mark.parametrize("key", ["e2", "digits-mlp", "digits-cnn", "digits-resnet", "transformer"])
 def test_healthy_runs_get_no_cause_and_no_error(key):
     _, result = run(key)
     report = result.report
@@ -58,3 +58,13 @@ def test_live_findings_reach_the_callback_while_training():
     seen = []
     IsReluDead(samples=20_000, epochs=3).run(on_finding=lambda f: seen.append(f.code))
     assert "identical_outputs" in seen
+
+
+def test_a_transformer_trained_too_fast_loses_most_of_its_later_feed_forward_units():
+    _, result = run("transformer-high-lr")
+    layers = {layer.name: layer for layer in result.report.layers}
+    assert list(layers) == ["encoder.layers.0.linear1:relu", "encoder.layers.1.linear1:relu"]
+    later = layers["encoder.layers.1.linear1:relu"]
+    assert later.dead_fraction >= 0.5 and later.start_dead_fraction == 0.0
+    [cause] = result.report.causes()
+    assert cause.code == "high_learning_rate"

@@ -469,6 +469,110 @@ class DigitsCNN(Scenario):
         return _digits_setup(SmallCNN(), self.lr)
 
 
+class ResidualBlock(nn.Module):
+    """ResNet's basic block: two 3x3 Conv -> BatchNorm, ReLU between and after the skip."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(h)) + x)
+
+
+class SmallResNet(nn.Module):
+    """A stem (Conv -> BatchNorm -> ReLU) and two residual blocks, for 8x8 digits."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.blocks = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(x.view(-1, 1, 8, 8)))
+        return self.head(h.mean((2, 3)))
+
+
+@dataclass
+class DigitsResNet(Scenario):
+    """Healthy control: digits, a small ResNet (Conv -> BatchNorm -> ReLU, skips), Adam."""
+
+    epochs: int = 4
+    lr: float = 1e-3
+
+    name: ClassVar[str] = "control: digits ResNet (stem and two residual blocks, batch norm)"
+
+    def build(self) -> Setup:
+        torch.manual_seed(self.seed)
+        return _digits_setup(SmallResNet(), self.lr)
+
+
+class TinyTransformer(nn.Module):
+    """Token and position embeddings, PyTorch's own encoder layers (post-norm, ReLU
+    feed-forward blocks, as ``activation="relu"`` builds them), a head on the first token."""
+
+    def __init__(self, vocab: int = 16, length: int = 12, d: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.position = nn.Parameter(torch.randn(length, d) * 0.1)
+        block = nn.TransformerEncoderLayer(
+            d, 4, 4 * d, dropout=0.0, activation="relu", batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens) + self.position)[:, 0])
+
+
+@dataclass
+class TransformerHighLR(Scenario):
+    """A small transformer encoder on a generated sequence task (the class is the first
+    token mod 4), trained with Adam at learning rate 0.3: the feed-forward blocks' ReLU
+    units die (three quarters of the second block's) and the outputs collapse. Users report
+    up to ~73% dead units in later MLP blocks of transformers trained too fast."""
+
+    samples: int = 2000
+    lr: float = 0.3
+    epochs: int = 3
+    window: int = 20
+
+    name: ClassVar[str] = "transformer encoder, ReLU feed-forward blocks, Adam lr 0.3"
+    expected_causes: ClassVar[tuple[str, ...]] = ("high_learning_rate",)
+    expected_symptoms: ClassVar[tuple[str, ...]] = ("dead_units",)
+
+    def build(self) -> Setup:
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        x = torch.randint(0, 16, (self.samples, 12), generator=generator)
+        y = x[:, 0] % 4
+        model = TinyTransformer()
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        train, val = _split(x, y, 0.8)
+        return Setup(model, optimizer, F.cross_entropy, train, val)
+
+
+@dataclass
+class TransformerControl(TransformerHighLR):
+    """Healthy control: the same transformer and task at Adam's learning rate 3e-3."""
+
+    lr: float = 3e-3
+
+    name: ClassVar[str] = "control: the same transformer at Adam lr 3e-3"
+    expected_causes: ClassVar[tuple[str, ...]] = ()
+    expected_symptoms: ClassVar[tuple[str, ...]] = ()
+
+
 #: Every scenario by short name, the seed experiments first.
 SCENARIOS: dict[str, type[Scenario]] = {
     "e1": IsReluDead,
@@ -476,8 +580,11 @@ SCENARIOS: dict[str, type[Scenario]] = {
     "e3": ZeroInit,
     "e4": HighLearningRate,
     "e5": DeepPlain,
+    "transformer-high-lr": TransformerHighLR,
     "digits-mlp": DigitsMLP,
     "digits-cnn": DigitsCNN,
+    "digits-resnet": DigitsResNet,
+    "transformer": TransformerControl,
 }
 
 __all__ = [
@@ -485,12 +592,15 @@ __all__ = [
     "DeepPlain",
     "DigitsCNN",
     "DigitsMLP",
+    "DigitsResNet",
     "HighLearningRate",
     "IsReluDead",
     "KerasMLP",
     "RunResult",
     "Scenario",
     "Setup",
+    "TransformerControl",
+    "TransformerHighLR",
     "ZeroInit",
     "he_init",
     "mlp",
