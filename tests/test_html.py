@@ -215,3 +215,14 @@ def test_asinh_histogram_ticks_are_few_and_never_crowd_zero():
     assert 1 <= len(negative) <= 3 and 1 <= len(positive) <= 3
     assert min(abs(t) for t in ticks if t) >= 0.3  # 3 linear widths from 0
     assert -1e4 in negative  # the far end is labelled
+
+
+def test_folded_findings_are_counted_in_words():
+    from reludoctor.findings import Finding
+
+    findings = [
+        Finding("symptom", "dead_units", "warning", name, f"{name} has dead units")
+        for name in ("a", "b")
+    ]
+    page = render_html(Report(layers=[], windows=[], findings=findings, unjudged=[], meta={}))
+    assert "<summary>1 more dead units finding: b</summary>" in page

@@ -197,6 +197,11 @@ def test_poor_init_scale_signal_through_depth():
 def test_negative_bias_needs_most_dead_units_held():
     held = layer(dead=[1, 2, 3], bias_held_units=[1, 2, 3])
     assert codes(rules.negative_bias(Observations([held], []), T)) == ["negative_bias"]
+    [finding] = findings(rules.negative_bias(Observations([held], []), T))
+    assert finding.message.startswith("all 3 dead units of fc:relu are held below 0 by a")
+    most = layer(dead=[1, 2, 3], bias_held_units=[1, 2])
+    [finding] = findings(rules.negative_bias(Observations([most], []), T))
+    assert finding.message.startswith("2 of the 3 dead units of fc:relu are held below 0")
     few = layer(dead=[1, 2, 3], bias_held_units=[1])
     assert codes(rules.negative_bias(Observations([few], []), T)) == []
     assert isinstance(rules.negative_bias(Observations([layer()], []), T)[0], Unjudged)

@@ -564,8 +564,8 @@ def negative_bias(obs: Observations, t: Thresholds) -> Result:
             _cause(
                 "negative_bias",
                 layer.name,
-                f"{len(held)} of the {layer.dead} dead units of {layer.name} are held below 0 "
-                "by a negative bias: without it their input term did reach above 0",
+                f"{_held(len(held), layer.dead, layer.name)} below 0 by a negative bias: "
+                "without it their input term did reach above 0",
                 _bias_evidence(obs.facts.layer(layer.producer), evidence),
             )
         )
@@ -577,6 +577,16 @@ def negative_bias(obs: Observations, t: Thresholds) -> Result:
             )
         ]
     return findings
+
+
+def _held(held: int, dead: int, layer: str) -> str:
+    """Which of a layer's dead units are held, in words: "the only dead unit of fc:relu is
+    held", "all 4 dead units of fc:relu are held", "3 of the 5 dead units of ... are held"."""
+    if dead == 1:
+        return f"the only dead unit of {layer} is held"
+    if held == dead:
+        return f"all {dead} dead units of {layer} are held"
+    return f"{held} of the {dead} dead units of {layer} are held"
 
 
 def _norm_shift_cause(layer: LayerReport, evidence: dict[str, Any]) -> Finding:
@@ -599,8 +609,8 @@ def _norm_shift_cause(layer: LayerReport, evidence: dict[str, Any]) -> Finding:
     return _cause(
         "negative_norm_shift",
         layer.name,
-        f"{evidence['held']} of the {layer.dead} dead units of {layer.name} are held below 0 by "
-        f"{what}: without it their normalised input did reach above 0",
+        f"{_held(evidence['held'], layer.dead, layer.name)} below 0 by {what}: without it "
+        "their normalised input did reach above 0",
         evidence,
     )
 

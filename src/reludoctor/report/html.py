@@ -259,7 +259,9 @@ def _worst_table(report: Report) -> str:
     hidden = len(report.layers) - TABLE_LAYERS
     notes = []
     if hidden > 0:
-        notes.append(f"{hidden} more layers in the heatmap below and in the JSON report.")
+        notes.append(
+            f"{counted(hidden, 'more layer')} in the heatmap below and in the JSON report."
+        )
     if any(layer.dead and not layer.can_die for layer in report.layers):
         notes.append(
             "* never positive, but this activation still passes a gradient below 0: stuck, "
@@ -287,10 +289,8 @@ def _finding_group(group: list[Finding]) -> str:
     if len(names) > GROUP_NAMES:
         layers += f" and {len(names) - GROUP_NAMES} more"
     rest = "\n".join(_finding(f) for f in group[1:])
-    return (
-        f"{first}<details class=more><summary>{len(group) - 1} more "
-        f"{_e(group[0].code.replace('_', ' '))} findings: {layers}</summary>{rest}</details>"
-    )
+    more = counted(len(group) - 1, f"more {group[0].code.replace('_', ' ')} finding")
+    return f"{first}<details class=more><summary>{_e(more)}: {layers}</summary>{rest}</details>"
 
 
 def _finding(finding: Finding) -> str:

@@ -221,9 +221,9 @@ def unit_grids(layers: Sequence[LayerReport]) -> str | None:
             for spine in ax.spines.values():
                 spine.set_visible(False)
             more = f", first {shown} shown" if shown < layer.units else ""
+            dead = f" ({layer.dead} of them dead)" if layer.dead else ""
             ax.set_title(
-                f"{short(layer.name, 30)}\n{layer.dormant} dormant ({layer.dead} of them dead) "
-                f"of {layer.units}{more}",
+                f"{short(layer.name, 30)}\n{layer.dormant} dormant{dead} of {layer.units}{more}",
                 fontsize=9,
             )
         handles = [Rectangle((0, 0), 1, 1, color=c) for c in (ALIVE, DORMANT, DEAD)]
