@@ -144,3 +144,36 @@ def test_an_exported_program_is_named_and_diagnosed_as_the_module_it_came_from(t
         return sorted((f.code, f.layer) for f in report.findings if f.kind == "cause")
 
     assert causes(exported) == causes(original) == [("negative_bias", "fc:relu")]
+
+
+class ConvBatchNorm(torch.nn.Module):
+    """Conv (no bias) -> BatchNorm -> ReLU, three channels held below 0 by beta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.relu = torch.nn.ReLU()
+        self.head = torch.nn.Linear(8, 2)
+        with torch.no_grad():
+            self.bn.bias[[0, 2, 7]] = -50.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_an_exported_conv_batch_norm_block_finds_the_same_shift_as_the_module():
+    import reludoctor as rd
+
+    model = ConvBatchNorm().eval()
+    probe = torch.randn(32, 3, 8, 8)
+    program = torch.export.export(model, (probe[:8],))
+    exported = rd.scan(program.module(), probe, batch_size=8)
+    original = rd.scan(model, probe, batch_size=8)
+    for report in (exported, original):
+        layer = report.layer("relu")
+        assert (layer.unit_dim, layer.units, layer.dead_units) == (1, 8, [0, 2, 7])
+        assert layer.held_by == "norm_shift"
+    assert sorted(f.code for f in exported.causes()) == ["negative_norm_shift"]
+    assert [f.message for f in exported.causes()] == [f.message for f in original.causes()]

@@ -919,7 +919,7 @@ class Probes:
                 owner = path or self.root_name
                 via = "module" if _is_activation_type(module_type) else "functional"
             source = node.args[0] if node.args else None
-            producer = _innermost_module(source) if isinstance(source, torch.fx.Node) else None
+            producer = source if isinstance(source, torch.fx.Node) else None
             return self._site(owner, kind, via, node.name, x, producer)
 
         return self._layer(("aten", n), describe, x)
@@ -944,10 +944,10 @@ class Probes:
         via: str,
         source: str | None,
         x: torch.Tensor,
-        graph_producer: tuple[str, Any] | None = None,
+        graph_producer: torch.fx.Node | None = None,
     ) -> Site:
-        """Where an activation runs; ``graph_producer`` is (module path, module type) of what
-        produced its input in an exported graph, whose modules are not the originals."""
+        """Where an activation runs; ``graph_producer`` is the node that made its input in
+        an exported graph, whose modules are not the originals."""
         producer = self._producer_of(x)
         follows_base = False
         if producer is None:
@@ -956,11 +956,17 @@ class Probes:
             if producer is not None:
                 x, follows_base = base, True
         producer_name = self.module_names.get(id(producer)) if producer is not None else None
-        weight, bias = self._weight_upstream(producer), _direct_bias(producer)
-        unit_dim = _unit_dim(x, producer)
-        if producer is None and graph_producer is not None and graph_producer[0]:
-            producer_name = graph_producer[0]
-            weight, bias, unit_dim = self._exported_parameters(*graph_producer, x)
+        fields: dict[str, Any] = {
+            "producer": producer_name,
+            "unit_dim": _unit_dim(x, producer),
+            "weight": self._weight_upstream(producer),
+            "bias": _direct_bias(producer),
+            "shift_source": producer if _norm_shift(producer) is not None else None,
+            "shift_in_eval": producer is not None and not producer.training,
+        }
+        if producer is None and graph_producer is not None:
+            fields.update(self._exported_producer(graph_producer, x))
+        producer_name = fields["producer"]
         name = f"{producer_name or owner}:{kind}" if via == "functional" else owner
         unique, n = name, 1
         while unique in self._names:
@@ -972,32 +978,61 @@ class Probes:
             kind=kind,
             via=via,
             source=source,
-            producer=producer_name,
-            unit_dim=unit_dim,
-            weight=weight,
-            bias=bias,
-            shift_source=producer if _norm_shift(producer) is not None else None,
-            shift_in_eval=producer is not None and not producer.training,
             follows_base=follows_base,
+            **fields,
         )
 
-    def _exported_parameters(
-        self, path: str, module_type: Any, x: torch.Tensor
-    ) -> tuple[nn.Parameter | None, nn.Parameter | None, int]:
-        """(weight, bias, unit dim) of the Linear/Conv at ``path`` of an exported graph,
-        whose parameters keep their original names."""
-        type_name = module_type if isinstance(module_type, str) else module_type.__qualname__
-        conv = type_name.endswith(("Conv1d", "Conv2d", "Conv3d"))
-        unit_dim = 1 if conv and x.dim() >= 3 else max(x.dim() - 1, 0)
-        if not (conv or type_name.endswith("Linear")):
-            return None, None, unit_dim
-        found = []
-        for name in ("weight", "bias"):
-            try:
-                found.append(self.model.get_parameter(f"{path}.{name}"))
-            except AttributeError:
-                found.append(None)
-        return found[0], found[1], unit_dim
+    def _exported_producer(self, node: torch.fx.Node, x: torch.Tensor) -> dict[str, Any]:
+        """:class:`Site` fields for an activation of an exported graph whose input ``node``
+        made: the producing module's name, unit dim, Linear/Conv weight and bias, and a
+        batch/layer norm's shift (read from the program, whose parameters keep their
+        original names; its modules are not the original classes)."""
+        innermost = _innermost_module(node)
+        if innermost is None or not innermost[0]:
+            return {}
+        path, module_type = innermost
+        name = module_type if isinstance(module_type, str) else module_type.__qualname__
+        conv = name.endswith(("Conv1d", "Conv2d", "Conv3d"))
+        norm = name.endswith(("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"))
+        fields: dict[str, Any] = {"producer": path, "unit_dim": _unit_dim(x, None)}
+        if conv or norm:
+            fields["unit_dim"] = 1 if x.dim() >= 2 else 0
+        elif x.dim():
+            fields["unit_dim"] = x.dim() - 1
+        if conv or name.endswith("Linear"):
+            fields["weight"] = self._exported(f"{path}.weight", self.model.get_parameter)
+            fields["bias"] = self._exported(f"{path}.bias", self.model.get_parameter)
+        elif norm or name.endswith("LayerNorm"):
+            fields.update(self._exported_norm(path, norm, node))
+        return fields
+
+    def _exported_norm(self, path: str, batch: bool, node: torch.fx.Node) -> dict[str, Any]:
+        """A stand-in norm module holding the program's own shift, scale and running
+        statistics (what :func:`norm_shift` reads), and whether it ran in eval mode."""
+        bias = self._exported(f"{path}.bias", self.model.get_parameter)
+        if not isinstance(bias, nn.Parameter) or bias.dim() != 1:
+            return {}
+        weight = self._exported(f"{path}.weight", self.model.get_parameter)
+        module: nn.Module
+        if batch:
+            args = node.args
+            eps = args[7] if len(args) > 7 and isinstance(args[7], float) else 1e-5
+            module = nn.BatchNorm1d(bias.numel(), eps=eps)
+            module.running_mean = self._exported(f"{path}.running_mean", self.model.get_buffer)
+            module.running_var = self._exported(f"{path}.running_var", self.model.get_buffer)
+            training = len(args) > 5 and args[5] is True
+        else:
+            module, training = nn.LayerNorm(bias.numel()), False
+        module.bias = bias
+        module.weight = weight if isinstance(weight, nn.Parameter) else None
+        return {"shift_source": module, "shift_in_eval": not training}
+
+    @staticmethod
+    def _exported(target: str, get: Callable[[str], Any]) -> Any:
+        try:
+            return get(target)
+        except AttributeError:
+            return None
 
     def _weight_upstream(self, producer: nn.Module | None) -> nn.Parameter | None:
         """The weight whose rows feed this activation's units (Linear/Conv), if found."""
