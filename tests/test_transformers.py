@@ -12,6 +12,7 @@ from conftest import leftovers, train
 from torch import nn
 
 import reludoctor as rd
+from reludoctor import probes
 
 DEAD = [0, 3, 5, 30]
 
@@ -122,3 +123,31 @@ def test_a_compiled_transformer_encoder_counts_as_uncompiled(backend):
         )
         assert layer.max_preactivation == pytest.approx(twin.max_preactivation, rel=1e-4)
     assert "unwatched_activations" not in {f.code for f in compiled.findings}
+
+
+class DefaultActivation(nn.Module):
+    """A user block whose forward takes its activation as a default argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+        with torch.no_grad():
+            self.fc1.bias[[0, 5]] = -1e4
+
+    def forward(self, x: torch.Tensor, act=F.relu, *, last=torch.relu) -> torch.Tensor:
+        return last(self.out(act(self.fc1(x))))
+
+
+def test_an_activation_given_as_a_default_argument_is_watched_and_given_back():
+    first, second = DefaultActivation(), DefaultActivation()
+    with rd.watch(first) as doc, rd.watch(second) as other:  # two monitors share the swap
+        train(first, doc, 2, lambda _: torch.randn(16, 4))
+        train(second, other, 2, lambda _: torch.randn(16, 4))
+        original = probes._patcher().functional.originals[F]["relu"]
+        assert DefaultActivation.forward.__defaults__[0] is not original
+    assert [layer.name for layer in doc.report().layers] == ["fc1:relu", "out:relu"]
+    assert doc.report().layer("fc1:relu").dead_units == [0, 5]
+    assert other.report().layer("fc1:relu").dead_units == [0, 5]
+    assert DefaultActivation.forward.__defaults__ == (F.relu,)
+    assert DefaultActivation.forward.__kwdefaults__ == {"last": torch.relu}

@@ -295,6 +295,39 @@ class _Patcher:
         self.functional = _Swap(FUNCTIONAL_TARGETS, self._wrap)
         self.tensor = _Swap(TENSOR_TARGETS, self._wrap)
         self.adds = _Swap(ADD_TARGETS, self._wrap_add)
+        #: Functions whose default arguments were swapped for wrappers: (monitors using
+        #: them, the original defaults, the original keyword defaults).
+        self.defaults: dict[types.FunctionType, tuple[int, Any, Any]] = {}
+
+    def swap_defaults(self, function: types.FunctionType, wrappers: dict[int, Any]) -> bool:
+        """Swap ``function``'s default arguments that are activation functions for their
+        wrappers (counted: every monitor that swapped must give back); whether it had any."""
+        with self.lock:
+            entry = self.defaults.get(function)
+            if entry is not None:
+                self.defaults[function] = (entry[0] + 1, entry[1], entry[2])
+                return True
+            defaults, keywords = function.__defaults__, function.__kwdefaults__
+            found = [
+                d for d in (*(defaults or ()), *(keywords or {}).values()) if id(d) in wrappers
+            ]
+            if not found:
+                return False
+            self.defaults[function] = (1, defaults, keywords)
+            if defaults:
+                function.__defaults__ = tuple(wrappers.get(id(d), d) for d in defaults)
+            if keywords:
+                function.__kwdefaults__ = {k: wrappers.get(id(d), d) for k, d in keywords.items()}
+            return True
+
+    def restore_defaults(self, function: types.FunctionType) -> None:
+        with self.lock:
+            count, defaults, keywords = self.defaults[function]
+            if count > 1:
+                self.defaults[function] = (count - 1, defaults, keywords)
+                return
+            del self.defaults[function]
+            function.__defaults__, function.__kwdefaults__ = defaults, keywords
 
     def stack(self) -> list[Probes]:
         stack = getattr(self.local, "stack", None)
@@ -535,6 +568,8 @@ class Probes:
         #: Activation functions modules keep a reference to, swapped while watched:
         #: (module, attribute, original, wrapper).
         self._held: list[tuple[nn.Module, str, Any, Any]] = []
+        #: Methods whose default arguments were swapped (given back at removal).
+        self._default_swaps: list[types.FunctionType] = []
         #: PyTorch's attention/transformer modules take a fused path in inference that runs
         #: no Python activation: turned off while a forward is counted (saved setting).
         self._fast_path = _has_fast_path(model)
@@ -742,14 +777,19 @@ class Probes:
             if module.__dict__.get(attr) is wrapper:
                 module.__dict__[attr] = original
         self._held.clear()
+        for function in self._default_swaps:
+            self.patcher.restore_defaults(function)
+        self._default_swaps.clear()
         with self.patcher.lock:
             self.patcher.tensor.release()
 
     def _swap_held_activations(self) -> None:
         """A module that keeps a reference to an activation function (``self.activation =
         F.relu``, as nn.TransformerEncoderLayer does, or an ``activation=F.relu`` argument
-        it stores) took it before reludoctor swapped the function: swap it in the module
-        too, while watched (outside a counted forward the wrapper passes calls through)."""
+        it stores), or a method of the model's own classes with one as a default argument
+        (``def forward(self, x, act=F.relu)``), took it before reludoctor swapped the
+        function: swap it there too, while watched (outside a counted forward the wrapper
+        passes calls through)."""
         functional = self.patcher.functional
         wrappers = {
             id(original): functional.wrappers[owner][attr]
@@ -762,6 +802,9 @@ class Probes:
                 if wrapper is not None and callable(value):
                     module.__dict__[attr] = wrapper
                     self._held.append((module, attr, value, wrapper))
+        for function in _own_methods(self.model):
+            if self.patcher.swap_defaults(function, wrappers):
+                self._default_swaps.append(function)
 
     # -- the watched forward --------------------------------------------------------------
     def enter(self) -> None:
@@ -1159,6 +1202,20 @@ def is_compiled(model: nn.Module) -> bool:
     return compiled_module(model) is not model or (
         getattr(model, "_compiled_call_impl", None) is not None
     )
+
+
+def _own_methods(model: nn.Module) -> list[types.FunctionType]:
+    """The methods (not dunder) of the classes of ``model``'s modules defined outside torch:
+    the user's code, whose default arguments may hold an activation function."""
+    methods: dict[types.FunctionType, None] = {}
+    for cls in {type(module) for module in model.modules()}:
+        for klass in cls.__mro__:
+            if klass.__module__.split(".")[0] in ("torch", "builtins"):
+                continue
+            for name, value in vars(klass).items():
+                if isinstance(value, types.FunctionType) and not name.startswith("__"):
+                    methods[value] = None
+    return list(methods)
 
 
 def _has_fast_path(model: nn.Module) -> bool:
