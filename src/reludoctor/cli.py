@@ -230,24 +230,26 @@ def scan(
     """Scan a saved model with probe data. Exit 0 healthy, 1 error findings, 2 bad input."""
     import reludoctor
     from reludoctor.loading import exported_batch_size, load_model, load_probe_data
+    from reludoctor.scan import DEFAULT_BATCH_SIZE
 
     console = Console(stderr=as_json)
     note = None
     try:
         inputs = load_probe_data(data, key=data_key)
-        example = inputs[: min(len(inputs), batch_size or 256)] if inputs.dim() else None
+        size = batch_size or DEFAULT_BATCH_SIZE
+        example = inputs[: min(len(inputs), size)] if inputs.dim() else None
         module = load_model(checkpoint, factory=model, trust=trust, example=example)
         fixed = exported_batch_size(module) if inputs.dim() else None
         if fixed is not None:
             inputs, note = _fit_exported_batch(inputs, fixed, batch_size)
-            batch_size = fixed
+            size = fixed
         # a bar drawn where no terminal shows it leaves a blank line before any error
         with _progress(console, quiet or as_json or not console.is_terminal) as progress:
             task = progress.add_task("scanning", total=len(inputs) if inputs.dim() else None)
             report = reludoctor.scan(
                 module,
                 inputs,
-                batch_size=batch_size or 256,
+                batch_size=size,
                 on_batch=lambda n: progress.advance(task, n),
             )
     except InputError as error:

@@ -1037,11 +1037,11 @@ class Probes:
         name = module_type if isinstance(module_type, str) else module_type.__qualname__
         conv = name.endswith(("Conv1d", "Conv2d", "Conv3d"))
         norm = name.endswith(("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"))
-        fields: dict[str, Any] = {"producer": path, "unit_dim": _unit_dim(x, None)}
-        if conv or norm:
-            fields["unit_dim"] = 1 if x.dim() >= 2 else 0
-        elif x.dim():
-            fields["unit_dim"] = x.dim() - 1
+        channels = (conv or norm) and x.dim() >= 2
+        fields: dict[str, Any] = {
+            "producer": path,
+            "unit_dim": 1 if channels else max(x.dim() - 1, 0),
+        }
         if conv or name.endswith("Linear"):
             fields["weight"] = self._exported(f"{path}.weight", self.model.get_parameter)
             fields["bias"] = self._exported(f"{path}.bias", self.model.get_parameter)
