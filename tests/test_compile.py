@@ -202,19 +202,26 @@ def test_autocast_bfloat16_counts_exactly_as_uncompiled():
 
 
 def train_mixed(
-    scaler: torch.amp.GradScaler | None, compiled: bool, loss_factor: float = 1.0
+    scaler: torch.amp.GradScaler | None,
+    compiled: bool,
+    loss_factor: float = 1.0,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    backend: str = "aot_eager",
 ) -> rd.Report:
-    """ConvNet trained 6 steps under bf16 autocast, with ``scaler`` (given to the monitor),
-    the loss multiplied by ``loss_factor``."""
-    model = ConvNet()
+    """ConvNet trained 6 steps on ``device`` under autocast to ``dtype``, with ``scaler``
+    (given to the monitor), the loss multiplied by ``loss_factor``; compiled with
+    ``backend`` when ``compiled``."""
+    model = ConvNet().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     doc = rd.watch(model, window=4, sample_every=1, optimizer=optimizer, scaler=scaler)
-    call = torch.compile(model, backend="aot_eager") if compiled else model
+    call = torch.compile(model, backend=backend) if compiled else model
     generator = torch.Generator().manual_seed(1)
     for _ in range(6):
         optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = call(torch.randn(4, 3, 8, 8, generator=generator))
+        with torch.autocast(device, dtype=dtype):
+            out = call(torch.randn(4, 3, 8, 8, generator=generator).to(device))
             loss = out.float().square().mean() * loss_factor
         if scaler is None:
             loss.backward()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import train
-from test_compile import ORDERS, ConvNet, Net, assert_same_counts, watched
+from test_compile import ORDERS, ConvNet, Net, assert_same_counts, train_mixed, watched
 from torch import nn
 
 import reludoctor as rd
@@ -91,24 +91,7 @@ def test_a_nan_on_the_device_hides_no_dead_unit_and_names_its_step(order):
 def test_float16_autocast_with_a_grad_scaler_measures_unscaled_gradients(compiled):
     def mixed(scaler: torch.amp.GradScaler | None) -> rd.Report:
         torch._dynamo.reset()
-        model = ConvNet().cuda()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        doc = rd.watch(model, window=4, sample_every=1, optimizer=optimizer, scaler=scaler)
-        call = torch.compile(model) if compiled else model
-        for batch in conv_batches() + conv_batches()[:1]:
-            optimizer.zero_grad()
-            with torch.autocast("cuda", dtype=torch.float16):
-                loss = call(batch.cuda()).float().square().mean()
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            doc.step(loss)
-        doc.close()
-        return doc.report()
+        return train_mixed(scaler, compiled, device="cuda", dtype=torch.float16, backend="inductor")
 
     plain, scaled = mixed(None), mixed(torch.amp.GradScaler("cuda", init_scale=2.0**16))
     assert scaled.layer("conv2:relu").dead_units == [2, 5]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -107,18 +108,26 @@ def test_the_first_nonfinite_step_survives_the_window_it_was_seen_in():
     assert layer.nonfinite_first_step == 7 and layer.dead_units == [1, 4, 7, 9, 12]
 
 
+def watched_as_on_a_gpu(
+    model: nn.Module, batches: list[torch.Tensor], pending_limit: int
+) -> tuple[rd.Report, Any]:
+    """Train on ``batches`` with each call's maxima kept for a fold every ``pending_limit``
+    calls, as on a GPU (forced on the CPU after the first forward): (report, layer)."""
+    with rd.watch(model, window=100) as doc:
+        train(model, doc, 1, lambda _: batches[0])
+        [layer] = doc.tracker.layers
+        layer.pending_limit = pending_limit
+        train(model, doc, len(batches) - 1, lambda step: batches[step + 1])
+    return doc.report(), layer
+
+
 def test_the_accelerator_path_counts_finite_values_exactly_without_a_sync():
     # on a GPU per-call maxima wait in layer.pending (no host check); forced here on the CPU
     model = planted()
     batches = [torch.randn(32, 4) for _ in range(7)]
     batches[4][5, 2] = math.nan
     batches[5][0, 0] = math.inf
-    with rd.watch(model, window=100) as doc:
-        train(model, doc, 1, lambda _: batches[0])
-        [layer] = doc.tracker.layers
-        layer.pending_limit = 3  # as on a GPU
-        train(model, doc, 6, lambda step: batches[step + 1])
-    report = doc.report()
+    report, layer = watched_as_on_a_gpu(model, batches, pending_limit=3)
     assert report.layer("1").dead_units == [1, 4, 7, 9, 12]
     assert report.layer("1").nonfinite_units == 16
     assert report.layer("1").nonfinite_first_step == 5
@@ -136,12 +145,7 @@ def test_on_the_accelerator_path_a_nan_leaves_out_only_its_samples_channel_value
     batches = [torch.randn(4, 2, 3, 3) for _ in range(4)]
     batches[2][1] *= 10  # sample 1 holds each channel's largest values
     batches[2][1, 0, 2, 2] = math.nan  # reaches every channel of sample 1, step 3
-    with rd.watch(model, window=100) as doc:
-        train(model, doc, 1, lambda _: batches[0])
-        [layer] = doc.tracker.layers
-        layer.pending_limit = 4  # as on a GPU
-        train(model, doc, 3, lambda step: batches[step + 1])
-    report = doc.report()
+    report, layer = watched_as_on_a_gpu(model, batches, pending_limit=4)
     assert report.layer("1").nonfinite_units == 4 and report.layer("1").nonfinite_first_step == 3
     layer.fold()
     kept = [batches[0], batches[1], batches[2][[0, 2, 3]], batches[3]]
