@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.monitor import silenced_live_findings
-from reludoctor.report.model import Report
+from reludoctor.api.monitor import silenced_live_findings
+from reludoctor.report.report import Report
 
 
 def watched_run(layers: int, windows: int) -> Report:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from reludoctor.monitor import silenced_live_findings
-from reludoctor.report.model import Window
+from reludoctor.api.monitor import silenced_live_findings
+from reludoctor.api.treat import treat
+from reludoctor.diagnose.summaries import Window
 from reludoctor.scenarios import SCENARIOS, HighLearningRate
 from reludoctor.study import StudyResult, run_study
-from reludoctor.treat import treat
 
 #: Steps each remedy trains for in the treatment table (E4's own run is 50 steps).
 TREAT_STEPS = {"e4": 50}

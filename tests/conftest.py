@@ -78,7 +78,7 @@ def swapped_globals() -> list[str]:
         if getattr(torch.Tensor, name) is not original
         or (name in INHERITED_METHODS and name in vars(torch.Tensor))
     ]
-    from reludoctor import probes
+    from reludoctor.probe import probes
 
     if probes._PATCHER is not None:  # default arguments swapped in users' methods
         bad += [f"defaults of {f.__qualname__}" for f in probes._PATCHER.defaults]

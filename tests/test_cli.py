@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from reludoctor.cli import app
-from reludoctor.report.model import Report
+from reludoctor.report.report import Report
 from tests.fixtures.models import HALF, PLANTED, half_dead_mlp, mlp, planted_mlp
 
 runner = CliRunner()

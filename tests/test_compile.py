@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 import reludoctor as rd
-from reludoctor import probes
+from reludoctor.probe import probes
 from reludoctor.report.html import render_html
 
 

@@ -7,9 +7,10 @@ import io
 from conftest import layer_report
 from rich.console import Console
 
+from reludoctor.diagnose.rules import Observations, run_rules
+from reludoctor.diagnose.summaries import LayerReport
 from reludoctor.report.console import print_summary
-from reludoctor.report.model import LayerReport, Report
-from reludoctor.rules import Observations, run_rules
+from reludoctor.report.report import Report
 
 
 def layer(name: str, units: int, dead: list[int], kind: str = "relu") -> LayerReport:

@@ -66,7 +66,7 @@ def test_the_missing_rank_is_said_in_the_console_and_the_html(tmp_path):
     from rich.console import Console
 
     from reludoctor.report.console import summary
-    from reludoctor.report.model import Report
+    from reludoctor.report.report import Report
 
     ranks = {"world_size": 4, "rank": 0, "missing": [2, 3], "missing_since_step": 300}
     report = Report(layers=[], windows=[], findings=[], meta={"ranks": ranks})

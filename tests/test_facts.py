@@ -9,7 +9,7 @@ from conftest import leftovers, plant_dead, randn_input, train
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.facts import read_model_facts, read_optimizer_facts
+from reludoctor.diagnose.facts import read_model_facts, read_optimizer_facts
 
 
 class Residual(nn.Module):
@@ -135,7 +135,7 @@ def test_output_spread_zero_for_a_constant_network():
 def test_a_big_weight_is_read_from_a_sample_but_its_extremes_exactly():
     import torch
 
-    from reludoctor.facts import STAT_ELEMENTS, weight_facts
+    from reludoctor.diagnose.facts import STAT_ELEMENTS, weight_facts
 
     torch.manual_seed(0)
     weight = torch.randn(4096, 1024) * 0.05

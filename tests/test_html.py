@@ -12,9 +12,9 @@ from conftest import plant_dead
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.monitor import silenced_live_findings
+from reludoctor.api.monitor import silenced_live_findings
 from reludoctor.report.html import NO_WINDOWS, render_html
-from reludoctor.report.model import Report
+from reludoctor.report.report import Report
 from reludoctor.scenarios import HighLearningRate
 
 SECTIONS = ["summary", "dead-heatmap", "loss", "units", "histograms", "gradients", "details"]
@@ -218,7 +218,7 @@ def test_asinh_histogram_ticks_are_few_and_never_crowd_zero():
 
 
 def test_folded_findings_are_counted_in_words():
-    from reludoctor.findings import Finding
+    from reludoctor.diagnose.findings import Finding
 
     findings = [
         Finding("symptom", "dead_units", "warning", name, f"{name} has dead units")

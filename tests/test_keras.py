@@ -8,7 +8,8 @@ import pytest
 
 import reludoctor as rd
 from reludoctor.errors import InputError
-from reludoctor.keras import DoctorCallback, KerasProbe, keras_module, watched_layers
+from reludoctor.keras import DoctorCallback
+from reludoctor.keras.watch import KerasProbe, keras_module, watched_layers
 
 DEAD = {"conv": [2, 5], "fc": [1, 4, 9], "act": [0, 7]}
 

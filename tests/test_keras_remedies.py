@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 import reludoctor as rd
-from reludoctor.keras_remedies import (
+from reludoctor.fix.remedies import RemedyError
+from reludoctor.keras.remedies import (
     add_batch_norm,
     kaiming_init,
     selu_sequential,
     swap_activation,
 )
-from reludoctor.remedies import RemedyError
 
 
 def model_and_data():

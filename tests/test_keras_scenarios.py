@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
+from reludoctor.api.monitor import silenced_live_findings
 from reludoctor.cli import app
-from reludoctor.keras_scenarios import KerasIsReluDead, KerasRandomMLP
-from reludoctor.monitor import silenced_live_findings
-from reludoctor.report.model import Report
+from reludoctor.keras.scenarios import KerasIsReluDead, KerasRandomMLP
+from reludoctor.report.report import Report
 from reludoctor.scenarios import IsReluDead
 
 

@@ -10,7 +10,7 @@ from conftest import train
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.remedies import RemedyError, reset_norm_shift
+from reludoctor.fix.remedies import RemedyError, reset_norm_shift
 
 HELD = [1, 4, 6]
 

@@ -15,7 +15,7 @@ from conftest import identity_relu, leftovers, randn_input, swapped_globals, tra
 from torch import nn
 
 from reludoctor.errors import InputError
-from reludoctor.remedies import (
+from reludoctor.fix.remedies import (
     RemedyError,
     RemedyRecord,
     add_batch_norm,

@@ -11,6 +11,7 @@ from conftest import identity_relu, plant_dead, randn_input, run_watched, train
 from torch import nn
 
 import reludoctor as rd
+from reludoctor.diagnose.findings import REMEDIES
 
 
 def two_layer_report() -> rd.Report:
@@ -67,7 +68,7 @@ def test_dead_units_finding_severity(units, dead, severity):
     assert finding.evidence["steps"] == [0, steps]
     assert f"{dead} of {units}" in finding.message
     assert finding.remedies
-    assert set(finding.remedies) <= set(rd.findings.REMEDIES)
+    assert set(finding.remedies) <= set(REMEDIES)
 
 
 def test_error_threshold_is_configurable():

@@ -11,9 +11,9 @@ from conftest import plant_dead
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.monitor import silenced_live_findings
-from reludoctor.remedies import RemedyError
-from reludoctor.revive import revive_units, trace_unit_flow
+from reludoctor.api.monitor import silenced_live_findings
+from reludoctor.fix.remedies import RemedyError
+from reludoctor.fix.revive import revive_units, trace_unit_flow
 from reludoctor.scenarios import HighLearningRate
 
 

@@ -9,11 +9,12 @@ from conftest import layer_report
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reludoctor import rules
-from reludoctor.facts import InputFacts, LayerFacts, ModelFacts, OptimizerFacts
-from reludoctor.findings import Finding
-from reludoctor.report.model import LayerReport, Window, WindowLayer
-from reludoctor.rules import Observations, Thresholds, Unjudged, run_rules
+from reludoctor.diagnose import rules
+from reludoctor.diagnose.facts import InputFacts, LayerFacts, ModelFacts, OptimizerFacts
+from reludoctor.diagnose.findings import Finding
+from reludoctor.diagnose.rules import Observations, Unjudged, run_rules
+from reludoctor.diagnose.summaries import LayerReport, Window, WindowLayer
+from reludoctor.diagnose.thresholds import Thresholds
 
 T = Thresholds()
 

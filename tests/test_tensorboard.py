@@ -19,7 +19,7 @@ from torch import nn
 
 import reludoctor as rd
 from reludoctor.errors import InputError
-from reludoctor.tensorboard import findings_markdown, layer_tag
+from reludoctor.report.tensorboard import findings_markdown, layer_tag
 
 STEPS = 20
 WINDOW = 5

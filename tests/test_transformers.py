@@ -12,7 +12,7 @@ from conftest import leftovers, train
 from torch import nn
 
 import reludoctor as rd
-from reludoctor import probes
+from reludoctor.probe import probes
 
 DEAD = [0, 3, 5, 30]
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.remedies import RemedyError
+from reludoctor.fix.remedies import RemedyError
 from reludoctor.scenarios import SCENARIOS, IsReluDead
 
 

@@ -21,8 +21,8 @@ from conftest import leftovers, plant_dead, train
 from torch import nn
 
 import reludoctor as rd
-from reludoctor import probes
-from reludoctor.tracker import Tracker
+from reludoctor.probe import probes
+from reludoctor.probe.tracker import Tracker
 
 
 def planted(units: int = 16, dead: tuple[int, ...] = (1, 4, 7, 9, 12)) -> nn.Sequential:

@@ -18,13 +18,14 @@ from hypothesis import strategies as st
 from rich.console import Console
 from typer.testing import CliRunner
 
-import reludoctor.report.model as model
+import reludoctor.report.report as model
 from reludoctor.cli import app
+from reludoctor.diagnose.findings import Finding
+from reludoctor.diagnose.summaries import Window, WindowLayer
 from reludoctor.errors import InputError
-from reludoctor.findings import Finding
 from reludoctor.report.console import print_summary
 from reludoctor.report.html import render_html
-from reludoctor.report.model import Report, Window, WindowLayer
+from reludoctor.report.report import Report
 from reludoctor.text import printable
 
 runner = CliRunner()

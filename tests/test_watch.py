@@ -24,7 +24,7 @@ from conftest import (
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.tracker import COUNTERS
+from reludoctor.probe.tracker import COUNTERS
 
 THIS_FILE = os.path.abspath(__file__)
 
@@ -760,7 +760,7 @@ def test_fire_rate_counts_positive_preactivations_for_every_kind(act):
 
 def test_large_activations_sample_leading_rows_but_count_every_row():
     """Rates come from the batch's first rows once an activation is large; deadness from all."""
-    from reludoctor.tracker import SAMPLED_ELEMENTS
+    from reludoctor.probe.tracker import SAMPLED_ELEMENTS
 
     units, batch = 512, 2 * SAMPLED_ELEMENTS // 512  # twice the sampled budget
     head = SAMPLED_ELEMENTS // units
@@ -819,7 +819,7 @@ def test_per_call_maxima_kept_for_a_later_fold_give_the_exact_maximum():
 
 def test_kept_values_follow_the_latest_batch_shape():
     # the positions gathered for the histogram are worked out again when the shape changes
-    from reludoctor.tracker import HISTOGRAM_VALUES
+    from reludoctor.probe.tracker import HISTOGRAM_VALUES
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 300), nn.ReLU())

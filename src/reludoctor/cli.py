@@ -15,10 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 from typer.exceptions import Abort, Exit, TyperException
 
+from reludoctor.api.monitor import silenced_live_findings
 from reludoctor.errors import InputError
-from reludoctor.monitor import silenced_live_findings
 from reludoctor.report.console import print_study, print_summary, print_treatment
-from reludoctor.report.model import Report
+from reludoctor.report.report import Report
 from reludoctor.text import markup_safe
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def demo(
 def _keras_demo(
     out: Path, epochs: int, samples: int, as_json: bool, quiet: bool, console: Console
 ) -> None:
-    from reludoctor.keras_scenarios import KerasIsReluDead
+    from reludoctor.keras.scenarios import KerasIsReluDead
 
     scenario = KerasIsReluDead(samples=samples, epochs=epochs)
     if not quiet:
@@ -229,8 +229,8 @@ def scan(
 ) -> None:
     """Scan a saved model with probe data. Exit 0 healthy, 1 error findings, 2 bad input."""
     import reludoctor
+    from reludoctor.api.scan import DEFAULT_BATCH_SIZE
     from reludoctor.loading import exported_batch_size, load_model, load_probe_data
-    from reludoctor.scan import DEFAULT_BATCH_SIZE
 
     console = Console(stderr=as_json)
     note = None

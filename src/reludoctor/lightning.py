@@ -7,7 +7,7 @@ close every ``window`` batches. At each window's end the scalars ``rd.watch`` wr
 TensorBoard (dead fraction, alive units and gradient norm of every layer, the dead fraction
 over all layers whose units can die) are logged through the trainer's loggers (rank 0 only,
 as Lightning logs), under ``reludoctor/``. Under the ``ddp`` strategies the ranks' counts
-are combined as ``rd.watch`` does (see :mod:`reludoctor.distributed`).
+are combined as ``rd.watch`` does (see :mod:`reludoctor.probe.distributed`).
 
 Needs the ``lightning`` package (``pip install reludoctor[lightning]``).
 """
@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
+from reludoctor.api.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
+from reludoctor.diagnose.summaries import Window
+from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError
-from reludoctor.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
-from reludoctor.report.model import Report, Window
-from reludoctor.rules import Thresholds
-from reludoctor.tensorboard import LayerTags, window_scalars
+from reludoctor.report.report import Report
+from reludoctor.report.tensorboard import LayerTags, window_scalars
 
 try:
     import lightning as L
@@ -36,7 +37,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
 
 class DoctorCallback(L.Callback):
     """Watch a ``Trainer.fit``; ``callback.report()`` gives the
-    :class:`~reludoctor.report.model.Report`, and with ``report_dir`` rank 0 writes
+    :class:`~reludoctor.report.report.Report`, and with ``report_dir`` rank 0 writes
     ``report.json`` and ``report.html`` there when fitting ends.
 
     Example:

@@ -57,10 +57,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from reludoctor.distributed import world
+from reludoctor.api.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
 from reludoctor.errors import InputError
-from reludoctor.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
-from reludoctor.report.model import Report
+from reludoctor.probe.distributed import world
+from reludoctor.report.report import Report
 from reludoctor.text import printable
 
 #: The exit code of a script stopped by Ctrl-C (128 + SIGINT), as a shell reports it.

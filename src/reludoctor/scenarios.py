@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import reludoctor
-from reludoctor.report.model import Report
+from reludoctor.report.report import Report
 
 Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 

@@ -6,7 +6,7 @@ under the monitor for a few seeds and records the final losses, the share of exp
 variance (R^2) on the validation split, the dead fraction, the gradient norm of the first
 layer and what reludoctor diagnosed. The verdict ("learns", "stuck", or "learns in k of n
 runs") comes from R^2 alone and is set beside what the article says. The treatment column is
-:func:`reludoctor.treat` on a fresh build of the first seed's model, following that run's
+:func:`reludoctor.api.treat` on a fresh build of the first seed's model, following that run's
 diagnosis: the remedy that lowered the loss most over ``treat_steps`` steps, or why none.
 
     >>> from reludoctor.study import run_study
@@ -33,11 +33,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from reludoctor.api.monitor import silenced_live_findings
+from reludoctor.api.treat import Treatment, treat
 from reludoctor.errors import InputError
-from reludoctor.monitor import silenced_live_findings
-from reludoctor.report.model import Report, atomic_write_text
+from reludoctor.report.report import Report, atomic_write_text
 from reludoctor.scenarios import IsReluDead, RunResult
-from reludoctor.treat import Treatment, treat
 
 #: A run "learns" when it explains at least this share of the validation targets' variance.
 #: A dead unit predicts 0 (R^2 far below 0); the best single ReLU reaches about 0.996 here.
@@ -131,7 +131,7 @@ class Outcome:
     article: Claim | None
     article_says: str
     run_verdicts: list[str]
-    #: :meth:`reludoctor.treat.Treatment.to_dict` of the first seed (None: not treated).
+    #: :meth:`reludoctor.api.treat.Treatment.to_dict` of the first seed (None: not treated).
     treatment: dict[str, Any] | None = None
 
     @property

@@ -14,13 +14,13 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from reludoctor.findings import REMEDIES
-from reludoctor.report.model import Report
+from reludoctor.diagnose.findings import REMEDIES
+from reludoctor.report.report import Report
 from reludoctor.text import markup_safe, printable
 
 if TYPE_CHECKING:
+    from reludoctor.api.treat import Treatment
     from reludoctor.study import StudyResult
-    from reludoctor.treat import Treatment
 
 #: Consoles at least this wide get the study table's R^2 and diagnosis columns.
 STUDY_WIDE = 110

@@ -5,7 +5,7 @@ Every value that comes from the run - layer names, messages, evidence, meta, num
 through :func:`_e`: control and bidi-override characters shown as ``?``, then HTML-escaped
 (text and attributes alike). The figures' text is escaped by matplotlib's SVG writer.
 
-    >>> from reludoctor.report.model import Report
+    >>> from reludoctor.report.report import Report
     >>> page = render_html(Report(layers=[], windows=[], findings=[]))
     >>> "<h1>" in page and "no ReLU-family activation" in page
     True
@@ -18,9 +18,9 @@ import os
 from html import escape
 from pathlib import Path
 
-from reludoctor.findings import REMEDIES, REMEDY_CODE, Finding
+from reludoctor.diagnose.findings import REMEDIES, REMEDY_CODE, Finding
 from reludoctor.report import plots
-from reludoctor.report.model import Report, atomic_write_text
+from reludoctor.report.report import Report, atomic_write_text
 from reludoctor.text import counted, printable
 
 #: Rows of the worst-layers table.

@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from reludoctor.report.model import LayerReport, Report, Window
+from reludoctor.diagnose.summaries import LayerReport, Window
+from reludoctor.report.report import Report
 from reludoctor.text import printable
 
 ALIVE, DORMANT, DEAD = "#2f9e44", "#f08c00", "#d6336c"

@@ -6,7 +6,7 @@
 * :class:`KerasRandomMLP` - seed 000: Dense 784-128-64-10 on standard-normal inputs with
   random labels, as written (``variant`` "plain"), with ``he_normal``, or with LeakyReLU layers.
 
-    >>> from reludoctor.keras_scenarios import KerasIsReluDead
+    >>> from reludoctor.keras.scenarios import KerasIsReluDead
     >>> report = KerasIsReluDead(samples=5_000, epochs=1).run()
     >>> [f.code for f in report.causes()]
     ['unnormalized_inputs']
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from reludoctor.keras import DoctorCallback, keras_module
-from reludoctor.report.model import Report
+from reludoctor.report.report import Report
 from reludoctor.scenarios import IsReluDead
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from reludoctor.api.monitor import Monitor, _positive_int, _require_module
+from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError, first_line
-from reludoctor.keras import is_keras_model
-from reludoctor.monitor import Monitor, _positive_int, _require_module
-from reludoctor.report.model import Report
-from reludoctor.rules import Thresholds
+from reludoctor.keras.watch import is_keras_model
+from reludoctor.report.report import Report
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -50,7 +50,7 @@ def scan(
         3
     """
     if is_keras_model(model):
-        from reludoctor.keras import scan_keras
+        from reludoctor.keras.watch import scan_keras
 
         return scan_keras(model, data, batch_size=batch_size, thresholds=thresholds)
     model = _require_module(model, "rd.scan")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from reludoctor.tracker import UPDATE_ROWS
+from reludoctor.probe.tracker import UPDATE_ROWS
 
 #: Seconds :meth:`TrainStepTap.arm` waits for the last armed step to be read.
 TAKE_TIMEOUT = 300.0
@@ -160,7 +160,7 @@ class TrainStepTap:
 
 
 def _rows(kernel: Any) -> Any:
-    """The first :data:`~reludoctor.tracker.UPDATE_ROWS` units of a kernel (units last)."""
+    """The first :data:`~reludoctor.probe.tracker.UPDATE_ROWS` units of a kernel (units last)."""
     return kernel[..., :UPDATE_ROWS]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from reludoctor.tracker import COUNTERS, HOST_COUNTERS, Snapshot
+from reludoctor.probe.tracker import COUNTERS, HOST_COUNTERS, Snapshot
 
 logger = logging.getLogger("reludoctor")
 

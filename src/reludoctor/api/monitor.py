@@ -15,22 +15,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from reludoctor.distributed import DEFAULT_RANK_TIMEOUT, RankCombiner, world
-from reludoctor.facts import ModelFacts, read_model_facts, read_optimizer_facts
-from reludoctor.findings import Finding
-from reludoctor.live_revival import LiveRevival
-from reludoctor.probes import (
+from reludoctor.diagnose.facts import ModelFacts, read_model_facts, read_optimizer_facts
+from reludoctor.diagnose.findings import Finding
+from reludoctor.diagnose.rules import LIVE_RULES, Observations, run_rules
+from reludoctor.diagnose.summaries import LayerReport, Window
+from reludoctor.diagnose.thresholds import Thresholds
+from reludoctor.fix.live_revival import LiveRevival
+from reludoctor.probe.distributed import DEFAULT_RANK_TIMEOUT, RankCombiner, world
+from reludoctor.probe.probes import (
     BACKEND_REASON,
     Probes,
     compiled_module,
     is_compiled,
     model_name,
 )
-from reludoctor.report.model import LayerReport, Report, Window
-from reludoctor.rules import LIVE_RULES, Observations, Thresholds, run_rules
-from reludoctor.tensorboard import TensorBoardLog
+from reludoctor.probe.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
+from reludoctor.report.report import Report
+from reludoctor.report.tensorboard import TensorBoardLog
 from reludoctor.text import printable
-from reludoctor.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
 
 DEFAULT_WINDOW = 100
 DEFAULT_SAMPLE_EVERY = 10
@@ -477,7 +479,7 @@ def watch(
             units, identical outputs ...), so a loop can react while it happens; they are
             also logged to the ``reludoctor`` logger.
         revive: recycle dead units at each window's end (see
-            :func:`reludoctor.revive.revive_units`: outputs unchanged, optimizer state for
+            :func:`reludoctor.fix.revive.revive_units`: outputs unchanged, optimizer state for
             them reset); needs ``optimizer``. Each revival is logged (``reludoctor`` logger,
             info) and kept in ``doc.revivals`` and the report's ``meta["revivals"]``.
         revive_cap: at most this many units revived per window.
@@ -486,18 +488,18 @@ def watch(
             them cannot hold: the model and optimizer are rewound to the last stable window
             and every learning rate is divided by this factor (logged as a warning, kept in
             ``doc.revivals``). Costs one CPU copy of the model's and optimizer's state;
-            ``None`` never rewinds. See :mod:`reludoctor.live_revival`.
+            ``None`` never rewinds. See :mod:`reludoctor.fix.live_revival`.
         log_dir: a directory (created if missing) to write a TensorBoard log to
             (``tensorboard --logdir <log_dir>``), at each window's end: per layer the dead
             fraction, alive units, gradient norm and histograms of pre-activations and
             per-unit gradients, plus the loss and the new findings; on ``close()``, the
-            diagnosis. Needs the ``tensorboard`` package. See :mod:`reludoctor.tensorboard`.
+            diagnosis. Needs the ``tensorboard`` package. See :mod:`reludoctor.report.tensorboard`.
             Under ``torch.distributed`` only rank 0 writes it (and logs live findings).
         rank_timeout: under ``torch.distributed`` (world size > 1), every rank's counts are
             summed at each window's end (``all_reduce``: a unit alive on any rank is alive),
             so every rank must call ``watch`` and ``close``; a rank that does not arrive
             within this many seconds is named missing and the others go on with their own
-            counts. See :mod:`reludoctor.distributed`.
+            counts. See :mod:`reludoctor.probe.distributed`.
         scaler: the loop's ``torch.amp.GradScaler`` (mixed precision), so gradients are
             measured unscaled (also accepted by ``doc.step``). A step it skips for overflow
             changes no weight: its update ratio is 0, and its gradients' non-finite rows are

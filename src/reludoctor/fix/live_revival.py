@@ -3,7 +3,7 @@
 Two actions, one per window at most:
 
 * **revive** - the units dead over the window are recycled with
-  :func:`reludoctor.revive.revive_units` (outputs unchanged, their optimizer state reset).
+  :func:`reludoctor.fix.revive.revive_units` (outputs unchanged, their optimizer state reset).
 * **rewind** - when the diagnosis says the *learning rate* killed the units (units died
   during training in windows with huge updates or loss spikes), or the loss or activations
   went non-finite, recycling alone cannot hold: the same steps kill the fresh units again and
@@ -26,15 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from reludoctor.report.model import LayerReport, Report, Window
-from reludoctor.revive import revive_units
-from reludoctor.rules import (
-    Observations,
-    Thresholds,
-    high_learning_rate,
-    run_rules,
-    unstable_window,
-)
+from reludoctor.diagnose.rules import Observations, high_learning_rate, run_rules, unstable_window
+from reludoctor.diagnose.summaries import LayerReport, Window
+from reludoctor.diagnose.thresholds import Thresholds
+from reludoctor.fix.revive import revive_units
+from reludoctor.report.report import Report
 from reludoctor.text import printable
 
 logger = logging.getLogger("reludoctor")

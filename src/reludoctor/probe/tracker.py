@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from reludoctor.facts import InputStats
-from reludoctor.probes import Sink, Site, norm_shift, whole_base
-from reludoctor.report.model import LayerReport, Window, WindowLayer
+from reludoctor.diagnose.facts import InputStats
+from reludoctor.diagnose.summaries import LayerReport, Window, WindowLayer
+from reludoctor.probe.probes import Sink, Site, norm_shift, whole_base
 
 #: ReDo (Sokar et al. 2023) calls a unit dormant when its mean |activation| divided by its
 #: layer's mean is at most tau; 0.025 is the value the paper uses for its Atari agents.
@@ -563,7 +563,7 @@ class Tracker(Sink):
         #: and each unit's gradient norm (None where not measured), for histograms.
         self.window_values: dict[str, dict[str, np.ndarray | None]] = {}
         #: Combines a window's snapshots with other processes' (``torch.distributed``:
-        #: :class:`reludoctor.distributed.RankCombiner`); called with the snapshots and step.
+        #: :class:`reludoctor.probe.distributed.RankCombiner`); called with the snapshots and step.
         self.combine: Callable[[list[Snapshot], int], list[Snapshot]] | None = None
         #: The step in which watching stopped after an error of its own (see ``fail``).
         self.failure_step: int | None = None

@@ -5,7 +5,7 @@ Every ReLU-family activation is watched: the ``activation=`` of Dense and Conv l
 ``ReLU``, ``LeakyReLU``, ``PReLU``, ``ELU`` and ``Activation`` layers. A probe model returns
 each watched layer's input on a probe batch; for layers with a fused activation the
 pre-activation is the layer's own output with the activation left out. The values go to the
-same tracker, rules and :class:`~reludoctor.report.model.Report` as on PyTorch.
+same tracker, rules and :class:`~reludoctor.report.report.Report` as on PyTorch.
 
     >>> import numpy as np, keras, reludoctor as rd
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu")])
@@ -30,15 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from reludoctor.api.monitor import _positive_int, build_report, observe
+from reludoctor.diagnose.facts import LayerFacts, ModelFacts, weight_facts
+from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError
-from reludoctor.facts import LayerFacts, ModelFacts, weight_facts
-from reludoctor.keras_tap import TrainStepTap
-from reludoctor.monitor import _positive_int, build_report, observe
-from reludoctor.probes import Site
-from reludoctor.report.model import Report
-from reludoctor.rules import Thresholds
-from reludoctor.tensorboard import TensorBoardLog
-from reludoctor.tracker import Tracker
+from reludoctor.keras.tap import TrainStepTap
+from reludoctor.probe.probes import Site
+from reludoctor.probe.tracker import Tracker
+from reludoctor.report.report import Report
+from reludoctor.report.tensorboard import TensorBoardLog
 
 #: Keras activation functions (by name) that reludoctor watches, and its name for each kind.
 ACTIVATION_KINDS = {
@@ -451,7 +451,7 @@ def scan_keras(
 
 
 @functools.cache
-def _doctor_callback_class() -> type:
+def doctor_callback_class() -> type:
     keras = keras_module()
 
     class DoctorCallback(keras.callbacks.Callback):
@@ -465,8 +465,8 @@ def _doctor_callback_class() -> type:
         scalars, histograms and findings, as ``rd.watch(log_dir=...)`` does.
 
         During ``fit`` the model's ``train_step`` is wrapped to keep the sampled batches and
-        update ratios (see :mod:`reludoctor.keras_tap`); it is restored when ``fit`` ends.
-        ``callback.report()`` gives the :class:`~reludoctor.report.model.Report`.
+        update ratios (see :mod:`reludoctor.keras.tap`); it is restored when ``fit`` ends.
+        ``callback.report()`` gives the :class:`~reludoctor.report.report.Report`.
 
         Example:
             >>> import numpy as np, keras
@@ -583,9 +583,3 @@ def _doctor_callback_class() -> type:
             return self.watch.report()
 
     return DoctorCallback
-
-
-def __getattr__(name: str) -> Any:
-    if name == "DoctorCallback":  # built on first use: Keras is imported only then
-        return _doctor_callback_class()
-    raise AttributeError(name)

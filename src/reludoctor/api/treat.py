@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from reludoctor.monitor import silenced_live_findings, watch
-from reludoctor.remedies import (
+from reludoctor.api.monitor import silenced_live_findings, watch
+from reludoctor.fix.remedies import (
     RemedyError,
     RemedyRecord,
     add_batch_norm,
@@ -35,8 +35,8 @@ from reludoctor.remedies import (
     reset_norm_shift,
     swap_activation,
 )
-from reludoctor.report.model import Report
-from reludoctor.revive import revive_units
+from reludoctor.fix.revive import revive_units
+from reludoctor.report.report import Report
 
 #: A remedy is recommended only when it lowers the loss reached by at least this share.
 MIN_IMPROVEMENT = 0.05
@@ -66,7 +66,7 @@ def _apply(
     if code == "reset_norm_shift":
         return reset_norm_shift(model)
     if code == "revive_units":
-        from reludoctor.scan import scan
+        from reludoctor.api.scan import scan
 
         report = scan(model, example, batch_size=len(example))
         return revive_units(model, report, optimizer, example=example)

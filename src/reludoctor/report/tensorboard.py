@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from reludoctor.diagnose.findings import REMEDIES, Finding
+from reludoctor.diagnose.summaries import ZERO_SLOPE_KINDS, Window
 from reludoctor.errors import InputError
-from reludoctor.findings import REMEDIES, Finding
-from reludoctor.report.model import ZERO_SLOPE_KINDS, Report, Window
-from reludoctor.tracker import Tracker
+from reludoctor.probe.tracker import Tracker
+from reludoctor.report.report import Report
 
 #: Characters kept in a layer's tag; any other becomes ``_``.
 _UNSAFE_TAG_CHARACTERS = re.compile(r"[^A-Za-z0-9_.\-/]")

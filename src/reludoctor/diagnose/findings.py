@@ -32,28 +32,28 @@ REMEDIES: dict[str, str] = {
     ),
 }
 
-#: The code change each remedy asks for (``reludoctor.remedies`` where it can act in place).
+#: The code change each remedy asks for (``reludoctor.fix.remedies`` where it can act in place).
 REMEDY_CODE: dict[str, str] = {
     "kaiming_init": (
-        "from reludoctor.remedies import kaiming_init\n"
+        "from reludoctor.fix.remedies import kaiming_init\n"
         "kaiming_init(model)  # nn.init.kaiming_normal_(w, nonlinearity='relu'), zero biases"
     ),
     "leaky_relu": (
-        "from reludoctor.remedies import swap_activation\n"
+        "from reludoctor.fix.remedies import swap_activation\n"
         "swap_activation(model, 'leaky_relu', negative_slope=0.01)  # nn.ReLU -> nn.LeakyReLU"
     ),
-    "prelu": "from reludoctor.remedies import swap_activation\nswap_activation(model, 'prelu')",
-    "elu": "from reludoctor.remedies import swap_activation\nswap_activation(model, 'elu')",
+    "prelu": "from reludoctor.fix.remedies import swap_activation\nswap_activation(model, 'prelu')",
+    "elu": "from reludoctor.fix.remedies import swap_activation\nswap_activation(model, 'elu')",
     "selu": (
-        "from reludoctor.remedies import swap_activation\n"
+        "from reludoctor.fix.remedies import swap_activation\n"
         "swap_activation(model, 'selu')  # also lecun_normal weights, Dropout -> AlphaDropout"
     ),
     "batch_norm": (
-        "from reludoctor.remedies import add_batch_norm\n"
+        "from reludoctor.fix.remedies import add_batch_norm\n"
         "add_batch_norm(model, optimizer)  # Linear -> BatchNorm1d -> ReLU (nn.Sequential)"
     ),
     "lower_learning_rate": (
-        "from reludoctor.remedies import lower_learning_rate\n"
+        "from reludoctor.fix.remedies import lower_learning_rate\n"
         "lower_learning_rate(optimizer, factor=10)"
     ),
     "adaptive_optimizer": "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)",
@@ -63,11 +63,11 @@ REMEDY_CODE: dict[str, str] = {
     ),
     "skip_connections": "def forward(self, x):\n    return x + self.block(x)  # a residual block",
     "revive_units": (
-        "from reludoctor.revive import revive_units\n"
+        "from reludoctor.fix.revive import revive_units\n"
         "revive_units(model, doc, optimizer)  # or rd.watch(..., revive=True)"
     ),
     "reset_norm_shift": (
-        "from reludoctor.remedies import reset_norm_shift\n"
+        "from reludoctor.fix.remedies import reset_norm_shift\n"
         "reset_norm_shift(model)  # BatchNorm/GroupNorm/LayerNorm bias -> 0 before a ReLU"
     ),
 }

@@ -1,12 +1,12 @@
 """Remedies for Keras models: He or LeCun re-initialisation and activation swaps in place, and
 batch norm insertion for ``keras.Sequential`` (a new model: Keras cannot insert layers into a
-built one). Each returns a :class:`~reludoctor.remedies.RemedyRecord` that can be undone.
+built one). Each returns a :class:`~reludoctor.fix.remedies.RemedyRecord` that can be undone.
 
 After an in-place change the model's compiled functions are dropped, so the next ``fit``
 traces the changed model.
 
     >>> import keras
-    >>> from reludoctor.keras_remedies import kaiming_init
+    >>> from reludoctor.keras.remedies import kaiming_init
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
     ...                           keras.layers.Dense(1)])
     >>> kaiming_init(model).changed  # doctest: +ELLIPSIS
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from reludoctor.keras import _flat_layers, _kind, keras_module
-from reludoctor.remedies import RemedyError, RemedyRecord
+from reludoctor.fix.remedies import RemedyError, RemedyRecord
+from reludoctor.keras.watch import _flat_layers, _kind, keras_module
 
 #: Activations :func:`swap_activation` can put in, by their Keras names.
 KERAS_SWAP_TARGETS = ("leaky_relu", "elu", "selu", "gelu", "silu")
