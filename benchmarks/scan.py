@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.probe.tracker import COUNTERS
+from reludoctor.probe.counters import COUNTERS
 
 
 class Block(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import struct
 
@@ -9,10 +11,12 @@ import pytest
 import torch
 from browser import open_page, print_pdf
 from conftest import plant_dead
+from rich.console import Console
 from torch import nn
 
 import reludoctor as rd
 from reludoctor.api.monitor import silenced_live_findings
+from reludoctor.report.console import print_summary
 from reludoctor.report.html import NO_WINDOWS, render_html
 from reludoctor.report.report import Report
 from reludoctor.scenarios import HighLearningRate
@@ -226,3 +230,23 @@ def test_folded_findings_are_counted_in_words():
     ]
     page = render_html(Report(layers=[], windows=[], findings=findings, unjudged=[], meta={}))
     assert "<summary>1 more dead units finding: b</summary>" in page
+
+
+def _half_dead_scan(thresholds: rd.Thresholds | None) -> Report:
+    model = nn.Sequential(nn.Linear(4, 10), nn.ReLU())
+    with torch.no_grad():
+        model[0].bias[:5] = -1e4
+    return rd.scan(model, torch.randn(64, 4), thresholds=thresholds)
+
+
+@pytest.mark.parametrize(("error_level", "css"), [(None, "bad"), (0.9, "warn")])
+def test_layer_colours_follow_the_runs_thresholds(error_level, css):
+    thresholds = None if error_level is None else rd.Thresholds(dead_error_fraction=error_level)
+    report = Report.from_dict(json.loads(_half_dead_scan(thresholds).to_json()))  # via JSON
+    assert report.dead_error_fraction == (error_level or rd.Thresholds.dead_error_fraction)
+    row = re.search(r"<tr([^>]*)><td class=name>1</td>", render_html(report))
+    assert row is not None and row.group(1) == f' class="{css}"'
+    buffer = io.StringIO()
+    print_summary(report, Console(file=buffer, width=120, force_terminal=True))
+    line = next(text for text in buffer.getvalue().splitlines() if " 50" in text)
+    assert ("\x1b[31m" in line) == (css == "bad")  # red where the level calls it an error

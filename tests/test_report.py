@@ -11,7 +11,7 @@ from conftest import identity_relu, plant_dead, randn_input, run_watched, train
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.diagnose.findings import REMEDIES
+from reludoctor.catalogue.remedies import REMEDY_CATALOGUE as REMEDIES
 
 
 def two_layer_report() -> rd.Report:

@@ -24,7 +24,7 @@ from conftest import (
 from torch import nn
 
 import reludoctor as rd
-from reludoctor.probe.tracker import COUNTERS
+from reludoctor.probe.counters import COUNTERS
 
 THIS_FILE = os.path.abspath(__file__)
 

@@ -77,7 +77,6 @@ class DoctorCallback(L.Callback):
         self.report_dir = report_dir
         self.doc: Monitor | None = None
         self._trainer: Any = None
-        self._in_step = False
         self._tags = LayerTags()
 
     # -- fitting -----------------------------------------------------------------------------
@@ -94,28 +93,17 @@ class DoctorCallback(L.Callback):
         )
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
-        doc = self.doc
-        if doc is None or doc.probes is None:
-            return
-        doc.probes.enter()  # the whole training step counts, however it runs the network
-        self._in_step = True
-        inputs = _first_tensor(batch)
-        if inputs is not None and doc.probes.counting and doc.tracker.wants_model_input():
-            doc.tracker.observe_model_input(inputs)
+        if self.doc is not None:  # the whole training step counts, however it runs the network
+            self.doc.begin_counted_step(_first_tensor(batch))
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int
     ) -> None:
         if self.doc is None:
             return
-        self._leave_step()
+        self.doc.end_counted_step()
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         self.doc.step(loss=loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None)
-
-    def _leave_step(self) -> None:
-        if self._in_step and self.doc is not None and self.doc.probes is not None:
-            self.doc.probes.leave()
-        self._in_step = False
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()
@@ -129,7 +117,6 @@ class DoctorCallback(L.Callback):
         self._close()
 
     def _close(self) -> None:
-        self._leave_step()
         if self.doc is not None and not self.doc.closed:
             self.doc.close()
 

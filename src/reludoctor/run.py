@@ -59,7 +59,7 @@ from torch import nn
 
 from reludoctor.api.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
 from reludoctor.errors import InputError
-from reludoctor.probe.distributed import world
+from reludoctor.probe.ranks import world
 from reludoctor.report.report import Report
 from reludoctor.text import printable
 
@@ -384,7 +384,7 @@ class ScriptRun:
         traceback.print_exception(type(error), error, tb or error.__traceback__)
 
     def _report(self, watched: _Watched) -> Report:
-        report = watched.monitor._report()
+        report = watched.monitor.report(warn_if_empty=False)
         report.meta["script"] = str(self.script)
         report.meta["ending"] = self.ending
         return report

@@ -36,7 +36,8 @@ from torch import nn
 from reludoctor.api.monitor import silenced_live_findings
 from reludoctor.api.treat import Treatment, treat
 from reludoctor.errors import InputError
-from reludoctor.report.report import Report, atomic_write_text
+from reludoctor.files import atomic_write_text
+from reludoctor.report.report import Report
 from reludoctor.scenarios import IsReluDead, RunResult
 
 #: A run "learns" when it explains at least this share of the validation targets' variance.
@@ -178,6 +179,23 @@ class StudyResult:
     outcomes: list[Outcome]
     seconds: float
     treat_steps: int = 0
+
+    def legend(self) -> str:
+        """What the table's columns and verdicts mean, and how long the study took."""
+        treatment = (
+            f"treatment: rd.treat on the first seed's fresh model for {self.treat_steps} steps: "
+            "the remedy that lowered the loss most, and by how much. "
+            if self.treat_steps
+            else ""
+        )
+        return (
+            f"target {TARGET}. verdict: 'learns' at R^2 >= {LEARNED_R2} on the validation "
+            f"split, 'learns slowly' when the training loss still fell by {STILL_IMPROVING:.0%} "
+            "over the second half of the epochs, else 'stuck'. dead: ReLU units never positive "
+            "in the last window (- where the activation cannot die). grad L1: gradient norm of "
+            f"the first layer's weights after training. article: what it says (- not tried). "
+            f"{treatment}{self.seconds:.0f} s."
+        )
 
     def disagreements(self) -> list[str]:
         """One sentence per variant whose measurement contradicts the article."""

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from reludoctor.checks import positive_int, require_module
 from reludoctor.diagnose.facts import ModelFacts, read_model_facts, read_optimizer_facts
 from reludoctor.diagnose.findings import Finding
+from reludoctor.diagnose.observe import observe
 from reludoctor.diagnose.rules import LIVE_RULES, Observations, run_rules
 from reludoctor.diagnose.summaries import LayerReport, Window
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.fix.live_revival import LiveRevival
-from reludoctor.probe.distributed import DEFAULT_RANK_TIMEOUT, RankCombiner, world
 from reludoctor.probe.probes import (
     BACKEND_REASON,
     Probes,
@@ -29,10 +28,15 @@ from reludoctor.probe.probes import (
     is_compiled,
     model_name,
 )
+from reludoctor.probe.ranks import DEFAULT_RANK_TIMEOUT, world
 from reludoctor.probe.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
+from reludoctor.report.build import build_report
 from reludoctor.report.report import Report
-from reludoctor.report.tensorboard import TensorBoardLog
 from reludoctor.text import printable
+
+if TYPE_CHECKING:
+    from reludoctor.probe.distributed import RankCombiner
+    from reludoctor.report.tensorboard import TensorBoardLog
 
 DEFAULT_WINDOW = 100
 DEFAULT_SAMPLE_EVERY = 10
@@ -54,22 +58,6 @@ def silenced_live_findings() -> Iterator[None]:
         yield
     finally:
         logger.disabled = previous
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    return value
-
-
-def _require_module(model: Any, caller: str) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{caller} expects a torch.nn.Module, got {type(model).__module__}."
-            f"{type(model).__qualname__}; pass the model itself (for a torch.export program, "
-            "its .module())"
-        )
-    return model
 
 
 class Monitor:
@@ -95,7 +83,7 @@ class Monitor:
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
         scaler: Any = None,
     ) -> None:
-        wrapper = _require_module(model, "rd.watch")
+        wrapper = require_module(model, "rd.watch")
         #: The model watched (the module a ``torch.compile`` wrapper compiles).
         self.model = model = compiled_module(wrapper)
         self._compiled_before = is_compiled(wrapper) or is_compiled(model)
@@ -104,15 +92,15 @@ class Monitor:
                 "rd.watch(revive=True) needs optimizer=: reviving units resets the optimizer's "
                 "state for them"
             )
-        revive_cap = _positive_int(revive_cap, "revive_cap")
+        revive_cap = positive_int(revive_cap, "revive_cap")
         self.thresholds = thresholds or Thresholds()
         self.optimizer = optimizer
         self.on_finding = on_finding
         self._announced: set[tuple[str, str | None]] = set()
         self._static_facts = read_model_facts(model)
         self.tracker = Tracker(
-            _positive_int(window, "window"),
-            _positive_int(sample_every, "sample_every"),
+            positive_int(window, "window"),
+            positive_int(sample_every, "sample_every"),
             dormancy_threshold=dormancy_threshold,
             unit_detail_limit=unit_detail_limit,
         )
@@ -123,6 +111,8 @@ class Monitor:
         #: Under ``torch.distributed``, what combines the ranks' counts at each window's end.
         self.ranks: RankCombiner | None = None
         if world_size > 1:
+            from reludoctor.probe.distributed import RankCombiner
+
             self.ranks = RankCombiner(rank_timeout)
             self.tracker.combine = self.ranks.combine
         self.tracker.on_window.append(self._announce_findings)
@@ -146,6 +136,8 @@ class Monitor:
         #: The TensorBoard log written at each window's end (with ``log_dir``), else None.
         self.tensorboard: TensorBoardLog | None = None
         if log_dir is not None and self.rank == 0:  # other ranks write nothing
+            from reludoctor.report.tensorboard import TensorBoardLog
+
             self.tensorboard = TensorBoardLog(log_dir, self.tracker)
             self.tracker.on_window.append(self.tensorboard)
         try:
@@ -163,6 +155,8 @@ class Monitor:
         self._backend = self.probes.backend
         self._graph_counts_checked = False
         self.tracker.on_window.append(self._check_graph_counts)
+        #: Whether :meth:`begin_counted_step` began a step that has not ended.
+        self._counted_step = False
 
     # -- the training loop's side ---------------------------------------------------------
     def step(
@@ -193,6 +187,47 @@ class Monitor:
         except Exception as error:  # reludoctor's own: never the training loop's
             self.tracker.fail(error, step=self.tracker.steps)
             return None
+
+    def begin_counted_step(self, inputs: Any = None) -> None:
+        """Count every activation call from now until :meth:`end_counted_step`, however the
+        training step reaches the network (forwards of the model itself are counted without
+        it). ``inputs``, the step's model input, feeds the input statistics. For frameworks
+        that run the step themselves: Lightning's callback calls these around each batch;
+        :meth:`counted_step` is the same as a ``with`` block. Nothing happens when the model
+        could not be watched or the monitor is closed."""
+        probes = self.probes
+        if probes is None or self._counted_step:
+            return
+        probes.enter()
+        self._counted_step = True
+        if inputs is not None and probes.counting and self.tracker.wants_model_input():
+            self.tracker.observe_model_input(inputs)
+
+    def end_counted_step(self) -> None:
+        """End what :meth:`begin_counted_step` began (nothing when it did not begin one)."""
+        if self._counted_step and self.probes is not None:
+            self.probes.leave()
+        self._counted_step = False
+
+    @contextlib.contextmanager
+    def counted_step(self, inputs: Any = None) -> Iterator[None]:
+        """Count every activation call inside, as :meth:`begin_counted_step` does.
+
+        Example:
+            >>> import torch, reludoctor as rd
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+            >>> with rd.watch(net) as doc:
+            ...     with doc.counted_step(inputs=torch.randn(8, 4)):
+            ...         _ = net[1](net[0](torch.randn(8, 4)))  # the layers, not the model
+            ...     _ = doc.step()
+            >>> doc.report().layers[0].samples
+            8
+        """
+        self.begin_counted_step(inputs)
+        try:
+            yield
+        finally:
+            self.end_counted_step()
 
     def _gradient_scale(self) -> torch.Tensor | None:
         """The factor the loop's ``GradScaler`` multiplies gradients by (on their device, no
@@ -277,14 +312,17 @@ class Monitor:
         return [layer.site.name for layer in self.tracker.layers]
 
     # -- results --------------------------------------------------------------------------
-    def report(self) -> Report:
+    def report(self, *, warn_if_empty: bool = True) -> Report:
         """A report over all closed windows plus the open one.
 
         Layer summaries (dead units, dormancy, gradients) cover the last closed window and
-        the open one together, so even a run shorter than one window gets a report.
+        the open one together, so even a run shorter than one window gets a report. A report
+        with no layer (no activation ran in a counted forward) is warned about, unless
+        ``warn_if_empty`` is False.
         """
         report = self._report()
-        if not report.layers and not (self.unwatched or self.ran_compiled):  # the report says why
+        blind = self.unwatched or self.ran_compiled  # an empty report then says why
+        if warn_if_empty and not report.layers and not blind:
             warnings.warn(
                 f"reludoctor saw no ReLU-family activation in {printable(model_name(self.model))} "
                 "(none ran in a counted forward); the report is empty",
@@ -307,7 +345,8 @@ class Monitor:
             meta["revivals"] = self.revivals
         if self.ranks is not None:
             meta["ranks"] = self.ranks.meta()
-        return build_report(self._observations(), self.tracker, self.thresholds, meta)
+        meta.update(self.tracker.settings())
+        return build_report(self._observations(), self.thresholds, meta)
 
     @property
     def ran_compiled(self) -> bool:
@@ -355,6 +394,7 @@ class Monitor:
     def close(self) -> None:
         """Remove every hook and wrapper; with ``log_dir``, write the diagnosis to the
         TensorBoard log and close it. The monitor can still make reports afterwards."""
+        self.end_counted_step()
         if self.probes is not None:
             self._residual_adds = self.probes.residual_adds
             self._ran_compiled = self.probes.ran_compiled
@@ -386,62 +426,6 @@ class Monitor:
         log = getattr(self, "tensorboard", None)
         if getattr(self, "probes", None) is not None or (log is not None and not log.closed):
             self.close()
-
-
-def observe(
-    tracker: Tracker, facts: ModelFacts, unwatched: Sequence[tuple[str, str]] = ()
-) -> Observations:
-    """What the rules see now: the tracker's layer summaries (last closed window and the open
-    one), every window, ``facts`` with each layer's bias in units of its pre-activation's
-    spread, and what could not be watched (``unwatched`` modules, and the steps after an
-    error of the tracker's own). Framework-neutral: the Keras callback uses it too."""
-    open_window, open_snapshots = tracker.open_window()
-    windows = list(tracker.windows) + ([open_window] if open_window else [])
-    layers = tracker.layer_reports(open_snapshots)
-    facts = facts.with_preactivation_scale(
-        {
-            lay.producer: lay.start_preact_std
-            for lay in layers
-            if lay.producer and lay.start_preact_std and math.isfinite(lay.start_preact_std)
-        }
-    )
-    blind_spots = [{"module": name, "reason": reason} for name, reason in unwatched]
-    if tracker.failure is not None:
-        blind_spots.append(
-            {
-                "module": "every layer",
-                "reason": f"watching stopped in step {tracker.failure_step} after an error of "
-                f"reludoctor's own ({tracker.failure}); the counts cover the steps before it",
-            }
-        )
-    return Observations(layers, windows, facts, blind_spots)
-
-
-def build_report(
-    observations: Observations,
-    tracker: Tracker,
-    thresholds: Thresholds,
-    meta: dict[str, Any],
-) -> Report:
-    """The rules' diagnosis of ``observations`` as a :class:`Report`; ``meta`` gains the
-    tracker's settings and the time."""
-    diagnosis = run_rules(observations, thresholds)
-    meta = {
-        **meta,
-        "steps": tracker.steps,
-        "window": tracker.window,
-        "sample_every": tracker.sample_every,
-        "dormancy_threshold": tracker.dormancy_threshold,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return Report(
-        layers=observations.layers,
-        windows=observations.windows,
-        findings=diagnosis.findings,
-        meta=meta,
-        facts=observations.facts.to_dict(),
-        unjudged=[u.to_dict() for u in diagnosis.unjudged],
-    )
 
 
 def watch(

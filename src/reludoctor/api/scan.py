@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from reludoctor.api.monitor import Monitor, _positive_int, _require_module
+from reludoctor.api.monitor import Monitor
+from reludoctor.checks import positive_int, require_module
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError, first_line
-from reludoctor.keras.watch import is_keras_model
 from reludoctor.report.report import Report
 
 DEFAULT_BATCH_SIZE = 256
@@ -49,12 +49,13 @@ def scan(
         >>> rd.scan(model, torch.randn(100, 4)).layers[0].dead
         3
     """
-    if is_keras_model(model):
-        from reludoctor.keras.watch import scan_keras
+    if "keras" in sys.modules:  # a Keras model can only exist once Keras is imported
+        from reludoctor.keras.watch import is_keras_model, scan_keras
 
-        return scan_keras(model, data, batch_size=batch_size, thresholds=thresholds)
-    model = _require_module(model, "rd.scan")
-    batch_size = _positive_int(batch_size, "batch_size")
+        if is_keras_model(model):
+            return scan_keras(model, data, batch_size=batch_size, thresholds=thresholds)
+    model = require_module(model, "rd.scan")
+    batch_size = positive_int(batch_size, "batch_size")
     device, dtype = _model_device_and_dtype(model)
     was_training = model.training
     _set_training(model, False)

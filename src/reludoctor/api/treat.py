@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from reludoctor.api.monitor import silenced_live_findings, watch
+from reludoctor.catalogue.remedies import REMEDY_CATALOGUE, TREATABLE
 from reludoctor.fix.remedies import (
     RemedyError,
     RemedyRecord,
@@ -55,10 +56,11 @@ def _apply(
 ) -> RemedyRecord:
     """Apply the remedy ``code`` (with ``options``) to ``model``/``optimizer`` in place."""
     options = options or {}
+    remedy = REMEDY_CATALOGUE.get(code)
+    if remedy is not None and remedy.swap_to is not None:
+        return swap_activation(model, remedy.swap_to)
     if code == "kaiming_init":
         return kaiming_init(model)
-    if code in ("leaky_relu", "prelu", "elu", "selu"):
-        return swap_activation(model, code)
     if code == "batch_norm":
         return add_batch_norm(model, optimizer)
     if code == "lower_learning_rate":
@@ -71,25 +73,6 @@ def _apply(
         report = scan(model, example, batch_size=len(example))
         return revive_units(model, report, optimizer, example=example)
     raise RemedyError(f"{code} is not a change reludoctor can make to a model in place")
-
-
-#: Each remedy's variants that :func:`treat` tries (options for :func:`_apply`).
-VARIANTS: dict[str, list[dict[str, Any]]] = {
-    "lower_learning_rate": [{"factor": 10.0}, {"factor": 100.0}]
-}
-
-#: Remedies :func:`treat` can try; the others (inputs, architecture) need the user's code.
-TREATABLE = (
-    "kaiming_init",
-    "leaky_relu",
-    "prelu",
-    "elu",
-    "selu",
-    "batch_norm",
-    "lower_learning_rate",
-    "revive_units",
-    "reset_norm_shift",
-)
 
 
 @dataclass
@@ -220,9 +203,9 @@ def treat(
         not_tried = [c for c in ranked if c not in TREATABLE]
     trials = []
     for code in candidates:
-        for options in VARIANTS.get(code, [{}]):
+        for options in REMEDY_CATALOGUE[code].variants:
             trials.append(
-                _trial(code, options, model, optimizer, kept, loss_fn, steps, untreated_loss)
+                _trial(code, dict(options), model, optimizer, kept, loss_fn, steps, untreated_loss)
             )
     return Treatment(
         steps,

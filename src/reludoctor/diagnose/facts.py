@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from reludoctor.probe.inputs import InputFacts
+
 #: Gain of each activation for He initialisation: std = gain / sqrt(fan_in) keeps the
 #: signal's scale through a layer (PyTorch's ``nn.init.calculate_gain``; ReLU: sqrt(2)).
 ACTIVATION_GAIN: dict[str, float] = {
@@ -41,8 +43,6 @@ _NORM_LAYERS: tuple[type[nn.Module], ...] = (
 #: A weight's mean and spread are read from at most this many of its values (evenly spaced
 #: rows): the scale of an initialisation shows in a sample, and a big model is read fast.
 STAT_ELEMENTS = 1 << 16
-#: How many of the first counted forwards contribute input statistics.
-INPUT_BATCHES = 4
 
 
 @dataclass
@@ -70,23 +70,6 @@ class LayerFacts:
             return None
         he = ACTIVATION_GAIN.get(activation, math.sqrt(2.0)) / math.sqrt(self.fan_in)
         return self.weight_std / he
-
-
-@dataclass
-class InputFacts:
-    """Statistics of the first input batches, per feature (last dim; channels for images)."""
-
-    batches: int
-    samples: int
-    features: int
-    mean: float
-    std: float
-    negative_share: float  # share of all input values that are < 0
-    mostly_negative_features: float  # share of features negative in >= 99% of samples
-    feature_mean_min: float
-    feature_mean_max: float
-    feature_std_min: float
-    feature_std_max: float
 
 
 @dataclass
@@ -222,64 +205,3 @@ def read_optimizer_facts(optimizer: Any) -> OptimizerFacts | None:
     name = type(optimizer).__name__
     adaptive = any("betas" in g or "alpha" in g or "lr_decay" in g for g in groups)
     return OptimizerFacts(type=name, learning_rates=rates, groups=len(groups), adaptive=adaptive)
-
-
-class InputStats:
-    """Accumulates per-feature statistics of the first ``INPUT_BATCHES`` model inputs."""
-
-    def __init__(self) -> None:
-        self.batches = 0
-        self.samples = 0
-        self.features = 0
-        self._sums: torch.Tensor | None = None  # per feature: n, sum, sum of squares, negatives
-        self._negative_rows: torch.Tensor | None = None
-
-    @property
-    def wanted(self) -> bool:
-        return self.batches < INPUT_BATCHES
-
-    def add(self, x: Any) -> None:
-        """Count one input batch (ignored unless it is a floating tensor of rank >= 2)."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-            return
-        with torch.no_grad():
-            x = x.detach().float()
-            feature_dim = 1 if x.dim() >= 4 else x.dim() - 1
-            per_feature = x.movedim(feature_dim, -1).reshape(-1, x.shape[feature_dim])
-            if self._sums is not None and per_feature.shape[1] != self.features:
-                return
-            finite = per_feature.nan_to_num(0.0, 0.0, 0.0)
-            sums = torch.stack(
-                [
-                    torch.full_like(finite[0], float(finite.shape[0])),
-                    finite.sum(0),
-                    finite.square().sum(0),
-                    (per_feature < 0).float().sum(0),
-                ]
-            ).double()
-            self._sums = sums.cpu() if self._sums is None else self._sums + sums.cpu()
-        self.features = per_feature.shape[1]
-        self.samples += x.shape[0]
-        self.batches += 1
-
-    def facts(self) -> InputFacts | None:
-        if self._sums is None:
-            return None
-        n, total, squares, negatives = self._sums
-        mean = total / n
-        std = (squares / n - mean.square()).clamp_min(0).sqrt()
-        overall_mean = float(total.sum() / n.sum())
-        overall_std = math.sqrt(max(float(squares.sum() / n.sum()) - overall_mean**2, 0.0))
-        return InputFacts(
-            batches=self.batches,
-            samples=self.samples,
-            features=self.features,
-            mean=overall_mean,
-            std=overall_std,
-            negative_share=float(negatives.sum() / n.sum()),
-            mostly_negative_features=float((negatives / n >= 0.99).double().mean()),
-            feature_mean_min=float(mean.min()),
-            feature_mean_max=float(mean.max()),
-            feature_std_min=float(std.min()),
-            feature_std_max=float(std.max()),
-        )

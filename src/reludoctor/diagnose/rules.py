@@ -15,6 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from reludoctor.catalogue.remedies import (
+    CAUSE_REMEDIES,
+    RATE_REMEDIES,
+    RECTIFIER_REMEDIES,
+    SYMPTOM_REMEDIES,
+)
 from reludoctor.diagnose.facts import ACTIVATION_GAIN, LayerFacts, ModelFacts
 from reludoctor.diagnose.findings import Finding
 from reludoctor.diagnose.summaries import LayerReport, Window
@@ -55,29 +61,6 @@ class Diagnosis:
 
 Result = list[Finding | Unjudged]
 Rule = Callable[[Observations, Thresholds], Result]
-
-#: Remedies per cause, best first for that cause.
-CAUSE_REMEDIES: dict[str, tuple[str, ...]] = {
-    "zero_init": ("kaiming_init", "revive_units"),
-    "poor_init_scale": ("kaiming_init", "batch_norm", "selu"),
-    "negative_bias": ("kaiming_init", "revive_units", "leaky_relu", "batch_norm"),
-    "negative_norm_shift": ("reset_norm_shift", "revive_units", "leaky_relu"),
-    "high_learning_rate": ("lower_learning_rate", "adaptive_optimizer", "revive_units"),
-    "unnormalized_inputs": ("normalize_inputs", "batch_norm", "selu", "leaky_relu"),
-    "deep_without_normalization": ("batch_norm", "skip_connections", "kaiming_init", "selu"),
-}
-#: Remedies for a symptom when no cause is known.
-SYMPTOM_REMEDIES: dict[str, tuple[str, ...]] = {
-    "dead_units": ("revive_units", "leaky_relu", "kaiming_init", "lower_learning_rate"),
-    "dying_units": ("lower_learning_rate", "revive_units", "leaky_relu"),
-    "loss_plateau": ("revive_units", "leaky_relu", "kaiming_init"),
-    "loss_diverging": ("lower_learning_rate", "normalize_inputs", "batch_norm"),
-    "identical_outputs": ("kaiming_init", "lower_learning_rate", "leaky_relu"),
-    "vanishing_gradients": ("batch_norm", "skip_connections", "kaiming_init"),
-    "exploding_gradients": ("lower_learning_rate", "batch_norm", "kaiming_init"),
-    "nonfinite_values": ("lower_learning_rate", "normalize_inputs", "batch_norm"),
-}
-
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -808,8 +791,6 @@ def _grade_causes(findings: list[Finding]) -> list[Finding]:
     return graded
 
 
-#: Remedies for units of a ReLU-family activation (a unit that can die).
-RECTIFIER_REMEDIES = frozenset({"kaiming_init", "leaky_relu", "prelu", "elu", "revive_units"})
 #: Findings that are themselves evidence about the learning rate.
 RATE_EVIDENCE = frozenset(
     {"high_learning_rate", "loss_diverging", "exploding_gradients", "nonfinite_values"}
@@ -818,8 +799,9 @@ RATE_EVIDENCE = frozenset(
 
 def _fit_remedies(findings: list[Finding], obs: Observations) -> list[Finding]:
     """Keep the remedies that fit this network and this evidence: none for ReLU units in a
-    network with no ReLU-family activation (GELU, SiLU, ...), and no lower learning rate
-    unless a finding says something about the rate."""
+    network with no ReLU-family activation (GELU, SiLU, ...), and none that changes the learning
+    rate unless a finding says something about the rate (the catalogue's ``rectifier_only`` and
+    ``about_rate``)."""
     rectified = not obs.layers or any(layer.can_die for layer in obs.layers)
     rate_evidence = any(f.code in RATE_EVIDENCE for f in findings)
     fitted = []
@@ -828,7 +810,7 @@ def _fit_remedies(findings: list[Finding], obs: Observations) -> list[Finding]:
             remedy
             for remedy in finding.remedies
             if (rectified or remedy not in RECTIFIER_REMEDIES)
-            and (rate_evidence or remedy != "lower_learning_rate")
+            and (rate_evidence or remedy not in RATE_REMEDIES)
         ]
         fitted.append(replace(finding, remedies=tuple(keep)))
     return fitted

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,10 +30,12 @@ import torch
 from torch import nn
 
 from reludoctor.errors import InputError
+from reludoctor.probe.probes import Probes
+from reludoctor.probe.tracker import Tracker
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Layers whose rows are units (Linear, Conv): what remedies and revival act on.
-_WEIGHTED = (nn.Linear, *_CONV)
+WEIGHTED_LAYERS = (nn.Linear, *CONV_LAYERS)
 
 #: Activations a ReLU can be swapped for, with PyTorch's defaults.
 SWAP_TARGETS: dict[str, Callable[..., nn.Module]] = {
@@ -94,6 +97,14 @@ class RemedyRecord:
         }
 
     # -- building blocks that remember how to undo themselves --------------------------------
+    def on_undo(self, action: Callable[[], None], *, last: bool = False) -> None:
+        """Run ``action`` at :meth:`undo` (undo runs actions newest first; ``last``: after
+        every other one)."""
+        if last:
+            self._undo.insert(0, action)
+        else:
+            self._undo.append(action)
+
     def save_tensor(self, tensor: torch.Tensor) -> None:
         """Remember ``tensor``'s values (a parameter or an optimizer buffer)."""
         saved = tensor.detach().clone()
@@ -158,7 +169,7 @@ def _require_trainable(name: str, module: nn.Module, remedy: str) -> None:
 
 
 def _weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED_LAYERS)]
 
 
 def following_activations(model: nn.Module) -> dict[str, nn.Module | None]:
@@ -167,7 +178,7 @@ def following_activations(model: nn.Module) -> dict[str, nn.Module | None]:
     result: dict[str, nn.Module | None] = {}
     current: str | None = None
     for name, module in model.named_modules():
-        if isinstance(module, _WEIGHTED):
+        if isinstance(module, WEIGHTED_LAYERS):
             current = name
             result[name] = None
         elif current is not None and result[current] is None and type(module) in _GAIN_NAMES:
@@ -397,14 +408,24 @@ def _selu_companions(model: nn.Module, record: RemedyRecord) -> None:
 
 
 def _functional_calls(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the activation call sites that are functional (not modules), from one forward."""
-    from reludoctor.api.scan import scan
-
-    report = scan(model, example, batch_size=len(example))
+    """Names of the activation call sites that are functional (not modules), from one forward
+    in eval mode without gradients."""
+    tracker = Tracker(window=sys.maxsize, sample_every=1)
+    probes = Probes(model, tracker, count_eval=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        probes.remove()
+        tracker.disarm()
+        model.train(was_training)
+    sites = [layer.site for layer in tracker.layers]
     return [
-        f"{layer.name} ({layer.source})" if layer.source else layer.name
-        for layer in report.layers
-        if layer.via == "functional" and layer.kind in ("relu", "relu6", "hardtanh")
+        f"{site.name} ({site.source})" if site.source else site.name
+        for site in sites
+        if site.via == "functional" and site.kind in ("relu", "relu6", "hardtanh")
     ]
 
 
@@ -430,7 +451,7 @@ def add_batch_norm(
             for i, (name, module) in enumerate(items):
                 rebuilt[name] = module  # type: ignore[assignment]
                 following = items[i + 1][1] if i + 1 < len(items) else None
-                if isinstance(module, _WEIGHTED) and type(following) in _GAIN_NAMES:
+                if isinstance(module, WEIGHTED_LAYERS) and type(following) in _GAIN_NAMES:
                     norm = _batch_norm_for(module)
                     norm.to(device=module.weight.device, dtype=module.weight.dtype)
                     norm.train(module.training)

@@ -33,18 +33,33 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from reludoctor.diagnose.summaries import LayerReport
-from reludoctor.fix.remedies import _CONV, _WEIGHTED, RemedyError, RemedyRecord, applying
+from reludoctor.fix.remedies import (
+    CONV_LAYERS,
+    WEIGHTED_LAYERS,
+    RemedyError,
+    RemedyRecord,
+    applying,
+)
 from reludoctor.report.report import Report
 
-if TYPE_CHECKING:
-    from reludoctor.api.monitor import Monitor
+
+@runtime_checkable
+class UnitSource(Protocol):
+    """What revival needs of a watching monitor (:class:`reludoctor.Monitor` is one): its
+    layer summaries so far, and rows of the first input it saw."""
+
+    def layer_reports(self) -> list[LayerReport]: ...
+
+    @property
+    def example_input(self) -> torch.Tensor | None: ...
+
 
 #: Functions that act on each unit separately (element-wise, or per channel): a unit's values
 #: stay its own through them.
@@ -201,11 +216,11 @@ def trace_unit_flow(
     producing layer named in ``producers``, which layers consume its units."""
     producers = list(producers)
     modules = dict(model.named_modules())
-    weights = {id(m.weight): n for n, m in modules.items() if isinstance(m, _WEIGHTED)}
+    weights = {id(m.weight): n for n, m in modules.items() if isinstance(m, WEIGHTED_LAYERS)}
     tracer = _FlowTracer(weights)
     handles = []
     for name in producers:
-        unit_dim = 1 if isinstance(modules[name], _CONV) else None
+        unit_dim = 1 if isinstance(modules[name], CONV_LAYERS) else None
 
         def tag(
             module: nn.Module, inputs: Any, out: Any, name: str = name, unit_dim=unit_dim
@@ -237,7 +252,7 @@ def trace_unit_flow(
 
 def revive_units(
     model: nn.Module,
-    source: Report | Monitor,
+    source: Report | UnitSource,
     optimizer: torch.optim.Optimizer | None = None,
     *,
     example: Any = None,
@@ -253,12 +268,12 @@ def revive_units(
     trace where the units go) or a watching :class:`~reludoctor.Monitor` (it keeps rows of the
     first input). ``max_units`` caps how many units are revived (the deadest layers first).
     """
-    if hasattr(source, "layer_reports") and callable(source.layer_reports):
-        # a Monitor: its layer summaries are all revival needs, the rules need not run
-        report = Report(layers=source.layer_reports(), windows=[], findings=[])  # type: ignore[union-attr]
-        example = example if example is not None else getattr(source, "example_input", None)
-    elif isinstance(source, Report):
+    if isinstance(source, Report):
         report = source
+    elif isinstance(source, UnitSource):
+        # a Monitor: its layer summaries are all revival needs, the rules need not run
+        report = Report(layers=source.layer_reports(), windows=[], findings=[])
+        example = example if example is not None else source.example_input
     else:
         raise RemedyError(
             f"revive_units needs a reludoctor Report or Monitor, not {type(source).__name__}"
@@ -343,7 +358,7 @@ def _targets(
         units = sorted(set(layer.dead_units) | (set(layer.dormant_units) if dormant else set()))
         if not units or not layer.can_die or layer.producer is None:
             continue
-        if not isinstance(modules.get(layer.producer), _WEIGHTED):
+        if not isinstance(modules.get(layer.producer), WEIGHTED_LAYERS):
             raise RemedyError(
                 f"revive_units: the report names {layer.producer!r} as the layer feeding "
                 f"{layer.name}, but the model has no such Linear/Conv layer: was the report "

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from reludoctor.fix.remedies import RemedyError, RemedyRecord
-from reludoctor.keras.watch import _flat_layers, _kind, keras_module
+from reludoctor.keras.watch import activation_kind, flat_layers, keras_module
 
 #: Activations :func:`swap_activation` can put in, by their Keras names.
 KERAS_SWAP_TARGETS = ("leaky_relu", "elu", "selu", "gelu", "silu")
@@ -42,13 +42,13 @@ def _save_weights(record: RemedyRecord, layer: Any) -> None:
         for variable, value in zip(layer.weights, saved, strict=True):
             variable.assign(value)
 
-    record._undo.append(restore)
+    record.on_undo(restore)
 
 
 def _set_attribute(record: RemedyRecord, target: Any, name: str, value: Any) -> None:
     old = getattr(target, name)
     setattr(target, name, value)
-    record._undo.append(lambda: setattr(target, name, old))
+    record.on_undo(lambda: setattr(target, name, old))
 
 
 def _retrace(model: Any) -> None:
@@ -60,16 +60,16 @@ def _retrace(model: Any) -> None:
 
 def _weighted_with_activation(model: Any, keras: Any) -> list[tuple[Any, str, float]]:
     """(layer with a kernel, the activation kind after it, its negative slope)."""
-    layers = list(_flat_layers(model))
+    layers = list(flat_layers(model))
     found = []
     for i, layer in enumerate(layers):
         if getattr(layer, "kernel", None) is None:
             continue
-        kind = _kind(layer, keras)
+        kind = activation_kind(layer, keras)
         following = layer
         if kind is None and i + 1 < len(layers):
             following = layers[i + 1]
-            kind = _kind(following, keras)
+            kind = activation_kind(following, keras)
         if kind is not None:
             slope = float(getattr(following, "negative_slope", 0.0) or 0.0)
             found.append((layer, kind[0], slope))
@@ -98,7 +98,7 @@ def kaiming_init(model: Any, *, mode: str = "fan_in", distribution: str = "norma
             layer.bias.assign(np.zeros(layer.bias.shape, "float32"))
         described = f"leaky_relu slope {slope:g}" if slope else kind
         record.changed.append(f"{layer.name}: He {distribution}, {mode}, {described}")
-    for layer in _flat_layers(model):
+    for layer in flat_layers(model):
         if getattr(layer, "kernel", None) is not None and id(layer) not in chosen:
             record.skipped.append(f"{layer.name}: no ReLU-family activation follows it")
     if not record.changed:
@@ -129,8 +129,8 @@ def swap_activation(
 
         new = leaky_relu
     record = RemedyRecord("swap_activation", details={"to": to})
-    for layer in _flat_layers(model):
-        kind = _kind(layer, keras)
+    for layer in flat_layers(model):
+        kind = activation_kind(layer, keras)
         if kind is None or kind[0] not in ("relu", "relu6"):
             if to == "selu" and isinstance(layer, keras.layers.Dropout):
                 record.skipped.append(
@@ -158,7 +158,7 @@ def swap_activation(
     if not record.changed:
         raise RemedyError("swap_activation: no ReLU activation to swap in this model")
     _retrace(model)
-    record._undo.insert(0, lambda: _retrace(model))
+    record.on_undo(lambda: _retrace(model), last=True)
     return record
 
 
@@ -189,9 +189,9 @@ def selu_sequential(model: Any) -> tuple[Any, RemedyRecord]:
     originals = list(model.layers)
     layers: list[Any] = [keras.Input(model.input_shape[1:])]
     for i, layer in enumerate(originals):
-        kind = _kind(layer, keras)
+        kind = activation_kind(layer, keras)
         has_kernel = getattr(layer, "kernel", None) is not None
-        followed = i + 1 < len(originals) and _kind(originals[i + 1], keras) is not None
+        followed = i + 1 < len(originals) and activation_kind(originals[i + 1], keras) is not None
         if isinstance(layer, keras.layers.Dropout):
             layers.append(keras.layers.AlphaDropout(layer.rate, name=f"{layer.name}_alpha"))
             record.changed.append(f"{layer.name}: Dropout({layer.rate}) -> AlphaDropout")
@@ -232,9 +232,9 @@ def add_batch_norm(model: Any) -> tuple[Any, RemedyRecord]:
     layers: list[Any] = [keras.Input(model.input_shape[1:])]
     originals = list(model.layers)
     for i, layer in enumerate(originals):
-        kind = _kind(layer, keras)
+        kind = activation_kind(layer, keras)
         fused = kind is not None and getattr(layer, "kernel", None) is not None
-        followed = i + 1 < len(originals) and _kind(originals[i + 1], keras) is not None
+        followed = i + 1 < len(originals) and activation_kind(originals[i + 1], keras) is not None
         if fused:
             config = layer.get_config() | {"activation": None, "name": f"{layer.name}_linear"}
             linear = type(layer).from_config(config)

@@ -30,13 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from reludoctor.api.monitor import _positive_int, build_report, observe
+from reludoctor.checks import positive_int
 from reludoctor.diagnose.facts import LayerFacts, ModelFacts, weight_facts
+from reludoctor.diagnose.observe import observe
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError
 from reludoctor.keras.tap import TrainStepTap
 from reludoctor.probe.probes import Site
 from reludoctor.probe.tracker import Tracker
+from reludoctor.report.build import build_report
 from reludoctor.report.report import Report
 from reludoctor.report.tensorboard import TensorBoardLog
 
@@ -87,7 +89,7 @@ class Watched:
     site: Site
 
 
-def _kind(layer: Any, keras: Any) -> tuple[str, bool] | None:
+def activation_kind(layer: Any, keras: Any) -> tuple[str, bool] | None:
     """(kind, fused) for a layer that is or holds a ReLU-family activation, else None."""
     layers = keras.layers
     if isinstance(layer, layers.ReLU):
@@ -111,8 +113,8 @@ def watched_layers(model: Any) -> list[Watched]:
     """Every layer of ``model`` (nested models included) with a ReLU-family activation."""
     keras = keras_module()
     found = []
-    for layer in _flat_layers(model):
-        kind = _kind(layer, keras)
+    for layer in flat_layers(model):
+        kind = activation_kind(layer, keras)
         if kind is None:
             continue
         channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
@@ -129,10 +131,11 @@ def watched_layers(model: Any) -> list[Watched]:
     return found
 
 
-def _flat_layers(model: Any) -> Iterator[Any]:
+def flat_layers(model: Any) -> Iterator[Any]:
+    """The model's layers, nested models' layers in their place (depth first)."""
     for layer in model.layers:
         if hasattr(layer, "layers") and layer.layers:
-            yield from _flat_layers(layer)
+            yield from flat_layers(layer)
         else:
             yield layer
 
@@ -303,7 +306,7 @@ def _weighted_layers(model: Any) -> Iterator[Any]:
     """Dense and (not transposed) convolution layers, whose kernels keep units last."""
     layers = keras_module().layers
     weighted = (layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D)
-    for layer in _flat_layers(model):
+    for layer in flat_layers(model):
         if isinstance(layer, weighted) and getattr(layer, "kernel", None) is not None:
             yield layer
 
@@ -316,7 +319,7 @@ def _bias(layer: Any) -> torch.Tensor | None:
 def _facts(model: Any, tracker: Tracker, layers: list[LayerFacts]) -> ModelFacts:
     keras = keras_module()
     norm = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
-    every_layer = list(_flat_layers(model))
+    every_layer = list(flat_layers(model))
     return ModelFacts(
         layers=layers,
         norm_layers=sum(isinstance(layer, norm) for layer in every_layer),
@@ -411,8 +414,7 @@ class KerasWatch:
             state = self._states.get(name)
             bias = _bias(producer)
             if state is not None and bias is not None:
-                kernel = units_first(producer.kernel)
-                state.site = dataclasses.replace(state.site, weight=kernel, bias=bias)
+                self.tracker.read_producer(state, units_first(producer.kernel), bias)
 
     def report(self) -> Report:
         meta: dict[str, Any] = {"model": self.model.name, "framework": "keras"}
@@ -422,7 +424,7 @@ class KerasWatch:
             meta["not_watched"] = dict(self.probe.skipped)
         self._read_biases()
         observations = observe(self.tracker, _facts(self.model, self.tracker, self.layer_facts))
-        return build_report(observations, self.tracker, self.thresholds, meta)
+        return build_report(observations, self.thresholds, {**meta, **self.tracker.settings()})
 
 
 def scan_keras(
@@ -497,7 +499,7 @@ def doctor_callback_class() -> type:
             # (no sync of the loss each step); the lock keeps the tracker to one caller.
             self.async_safe = True
             self._lock = threading.Lock()
-            every, window = _positive_int(every, "every"), _positive_int(window, "window")
+            every, window = positive_int(every, "every"), positive_int(window, "window")
             if probe_data is None and probe_targets is not None:
                 raise ValueError(
                     "DoctorCallback got probe_targets without probe_data: pass both, or neither "

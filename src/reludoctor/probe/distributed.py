@@ -19,28 +19,18 @@ import itertools
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from reludoctor.probe.tracker import COUNTERS, HOST_COUNTERS, Snapshot
+from reludoctor.probe import counters
+from reludoctor.probe.counters import Snapshot
+from reludoctor.probe.ranks import DEFAULT_RANK_TIMEOUT, world
 
 logger = logging.getLogger("reludoctor")
 
-#: Seconds a rank waits for the others at a window's end before it counts without them.
-DEFAULT_RANK_TIMEOUT = 300.0
-
-_SUM = [c.name for c in COUNTERS if c.reduce == "sum"]
-_MAX = [c.name for c in COUNTERS if c.reduce == "max"]
-_MIN = [c.name for c in COUNTERS if c.reduce == "min"]
+#: The all_reduce op of each way counters combine (``counters.REDUCTIONS``).
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 _instances = itertools.count()
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the ``torch.distributed`` run this process is in; (0, 1) alone."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class RankCombiner:
@@ -128,9 +118,9 @@ class RankCombiner:
 
     # -- reduction ---------------------------------------------------------------------------
     def _reduce(self, snapshots: list[Snapshot]) -> list[Snapshot]:
-        sums = _pack(snapshots, _SUM, HOST_COUNTERS)
-        maxima = _pack(snapshots, _MAX, ())
-        minima = _pack(snapshots, _MIN, ())
+        # one tensor per reduction, packed in the same order on every rank
+        packed = {reduce: counters.pack(snapshots, reduce) for reduce in counters.REDUCTIONS}
+        sums = packed["sum"]
         shape = torch.tensor([len(snapshots), sums.numel(), -len(snapshots), -sums.numel()])
         dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=self._group)
         if shape[0] != -shape[2] or shape[1] != -shape[3]:
@@ -138,42 +128,10 @@ class RankCombiner:
                 "the ranks watch different activation layers (not the same model?): "
                 f"{len(snapshots)} here; counting this rank's own"
             )
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self._group)
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self._group)
-        dist.all_reduce(minima, op=dist.ReduceOp.MIN, group=self._group)
-        return _unpack(snapshots, sums, _SUM, HOST_COUNTERS, (maxima, _MAX), (minima, _MIN))
+        for reduce, values in packed.items():
+            dist.all_reduce(values, op=_OPS[reduce], group=self._group)
+        return counters.unpack(snapshots, packed)
 
 
 class _Mismatch(RuntimeError):
     pass
-
-
-def _pack(snapshots: list[Snapshot], arrays: list[str], host: tuple[str, ...]) -> torch.Tensor:
-    parts = [np.asarray(s[name], dtype=np.float64).ravel() for s in snapshots for name in arrays]
-    parts += [np.array([s[name] for name in host], dtype=np.float64) for s in snapshots]
-    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0))
-
-
-def _unpack(
-    snapshots: list[Snapshot],
-    sums: torch.Tensor,
-    sum_names: list[str],
-    host: tuple[str, ...],
-    *extremes: tuple[torch.Tensor, list[str]],
-) -> list[Snapshot]:
-    out = [dict(s) for s in snapshots]
-    for reduced, names in ((sums, sum_names), *extremes):
-        values = reduced.numpy()
-        offset = 0
-        for snap in out:
-            for name in names:
-                like = np.asarray(snap[name])
-                snap[name] = (
-                    values[offset : offset + like.size].reshape(like.shape).astype(like.dtype)
-                )
-                offset += like.size
-    host_values = sums.numpy()[-len(host) * len(out) :] if host else []
-    for i, snap in enumerate(out):
-        for j, name in enumerate(host):
-            snap[name] = int(host_values[i * len(host) + j])
-    return out

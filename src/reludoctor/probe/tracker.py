@@ -15,18 +15,20 @@ values replaced by -inf, besides the plain one that finds them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from reludoctor.diagnose.facts import InputStats
 from reludoctor.diagnose.summaries import LayerReport, Window, WindowLayer
+from reludoctor.probe import counters
+from reludoctor.probe.counters import HOST_COUNTERS, Snapshot, merge
+from reludoctor.probe.inputs import InputStats
 from reludoctor.probe.probes import Sink, Site, norm_shift, whole_base
 
 #: ReDo (Sokar et al. 2023) calls a unit dormant when its mean |activation| divided by its
@@ -53,49 +55,6 @@ HISTOGRAM_VALUES = 4096
 HISTOGRAM_BINS = 40
 #: A histogram whose span exceeds this many times its values' median size gets asinh bins.
 WIDE_RANGE = 50.0
-
-
-@dataclass(frozen=True)
-class Counter:
-    """A statistic kept per layer: declared once, reset, moved and combined generically."""
-
-    name: str
-    per_unit: bool
-    dtype: torch.dtype
-    initial: float
-    reduce: str  # "max", "min" or "sum": how windows (and processes) combine
-
-
-COUNTERS: tuple[Counter, ...] = (
-    Counter("max_pre", True, torch.float32, -math.inf, "max"),
-    # float32: a rate needs no more, and the cheapest count is a sum of sign(output).
-    Counter("fire_count", True, torch.float32, 0.0, "sum"),
-    Counter("abs_sum", True, torch.float32, 0.0, "sum"),
-    Counter("grad_row_max", True, torch.float32, 0.0, "max"),  # largest row norm seen
-    Counter("grad_row_sq", True, torch.float32, 0.0, "sum"),  # sum of squared row norms
-    Counter("grad_sq", False, torch.float32, 0.0, "sum"),  # for weights without unit rows
-    Counter("update_ratio", False, torch.float32, 0.0, "max"),  # |W' - W| / |W| per step
-    # calls in which the unit saw a NaN or +inf pre-activation, and the first step with one
-    Counter("nonfinite", True, torch.float32, 0.0, "sum"),
-    Counter("nonfinite_first", False, torch.float32, math.inf, "min"),
-    # Values and samples counted inside a torch.compile graph, where a Python counter cannot
-    # be updated (a value read there is guarded: it would recompile at every step). They are
-    # added to the host counters of the same name (without "graph_") in each snapshot.
-    Counter("graph_positions", False, torch.float64, 0.0, "sum"),
-    Counter("graph_rows", False, torch.float64, 0.0, "sum"),
-    Counter("graph_sampled_positions", False, torch.float64, 0.0, "sum"),
-)
-#: Host-side integers: shapes are known on the host, so counting them needs no sync.
-HOST_COUNTERS = (
-    "positions",
-    "rows",  # samples: the leading dim of each call (positions count every value per unit)
-    "sampled_positions",
-    "grad_samples",
-    "grad_row_samples",
-    "update_samples",
-)
-
-Snapshot = dict[str, Any]
 
 
 #: On a GPU a layer's per-call maxima are kept on the device (a few kernels each, no read-back)
@@ -219,7 +178,16 @@ class PendingMaxima:
 
 
 class LayerState:
-    """Counters of one activation call site, on the device its inputs live on."""
+    """Counters of one activation call site, on the device its inputs live on.
+
+    Each counter of :data:`~reludoctor.probe.counters.COUNTERS` is a tensor in ``tensors``
+    and also a plain attribute of the same name (``layer.max_pre``), and each of
+    ``HOST_COUNTERS`` an int attribute: the per-call path reads them with no lookup.
+    """
+
+    if TYPE_CHECKING:  # the counters' attributes, bound from the declaration
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, site: Site, x: torch.Tensor, slab: Slab, step_marks: StepMarks) -> None:
         self.site = site
@@ -246,12 +214,7 @@ class LayerState:
         self._index_buffer: torch.Tensor | None = None
         self._value_index: torch.Tensor | None = None
         self._indexed: torch.Size | None = None
-        # One-element rather than 0-d tensors: torch.compile reads a 0-d CPU tensor as a
-        # Python number, and the graph's updates to it would be lost.
-        self.tensors = {
-            c.name: slab.full((self.units,) if c.per_unit else (1,), c.initial, c.dtype)
-            for c in COUNTERS
-        }
+        self.tensors = counters.allocate(self.units, x.device, slab.full)
         self.step_marks = step_marks
         self.to(x.device)
         self.reset_host()
@@ -266,8 +229,11 @@ class LayerState:
         self.start_values = slab.empty(tuple(start.shape)).copy_(start).numpy()
 
     def to(self, device: torch.device) -> None:
-        with torch.inference_mode(False):  # counters must stay updatable outside it
-            self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        """Move the counters to ``device`` (binding each to its attribute) and make the
+        device's working state afresh."""
+        self.tensors = counters.move(self.tensors, device)
+        for name, tensor in self.tensors.items():
+            setattr(self, name, tensor)
         self.device = device
         #: On the CPU, each call's per-unit reductions are written here (no allocation).
         self.scratch = self.slab.empty((self.units,)) if device.type == "cpu" else None
@@ -284,28 +250,13 @@ class LayerState:
             if device.type == "cpu"
             else max(1, min(PENDING_MAXIMA, PENDING_BUDGET // max(self.units, 1)))
         )
-        self.max_pre = self.tensors["max_pre"]
-        self.fire_count = self.tensors["fire_count"]
-        self.abs_sum = self.tensors["abs_sum"]
-        self.grad_row_max = self.tensors["grad_row_max"]
-        self.grad_row_sq = self.tensors["grad_row_sq"]
-        self.grad_sq = self.tensors["grad_sq"]
-        self.update_ratio = self.tensors["update_ratio"]
-        self.nonfinite = self.tensors["nonfinite"]
-        self.nonfinite_first = self.tensors["nonfinite_first"]
-        self.graph_positions = self.tensors["graph_positions"]
-        self.graph_rows = self.tensors["graph_rows"]
-        self.graph_sampled_positions = self.tensors["graph_sampled_positions"]
         #: The running step (1-based), on this layer's device, for counts taken in a graph.
         self.step_mark = self.step_marks.on(device)
 
     def reset_host(self) -> None:
-        self.positions = 0
-        self.rows = 0
-        self.sampled_positions = 0
-        self.grad_samples = 0
-        self.grad_row_samples = 0
-        self.update_samples = 0
+        """Every host counter back to 0."""
+        for name in HOST_COUNTERS:
+            setattr(self, name, 0)
 
     def matching(self, x: torch.Tensor) -> torch.Tensor | None:
         """``x`` shaped as this layer's values (moving the counters to its device): ``x``
@@ -346,13 +297,7 @@ class LayerState:
     def snapshot(self) -> Snapshot:
         """Host copy of every counter (one read per tensor)."""
         self.fold()
-        snap: Snapshot = {}
-        for c in COUNTERS:
-            value = self.tensors[c.name].detach().cpu().numpy().copy()
-            snap[c.name] = value if c.per_unit else value.reshape(())
-        snap.update({name: getattr(self, name) for name in HOST_COUNTERS})
-        for name in ("positions", "rows", "sampled_positions"):
-            snap[name] += int(snap[f"graph_{name}"])
+        snap = counters.read(self.tensors, {name: getattr(self, name) for name in HOST_COUNTERS})
         self.graph_counted = self.graph_counted or snap["graph_positions"] > 0
         fresh = self.values is not None and self.values_fresh
         snap["values"] = self.values.cpu().numpy().copy() if fresh else None
@@ -396,8 +341,8 @@ class LayerState:
             return torch.empty(size, dtype=dtype, device=self.device)
 
     def reset(self) -> None:
-        for counter in COUNTERS:
-            self.tensors[counter.name].fill_(counter.initial)
+        """Start a new window: counters at their initial values, nothing pending."""
+        counters.reset(self.tensors)
         self.pending.clear()
         self.reset_host()
         self.values_fresh = False  # the buffer stays: a compiled graph holds it
@@ -512,20 +457,6 @@ def _sum32(x: torch.Tensor, dims: Any, out: torch.Tensor | None = None) -> torch
     return torch.sum(x, dims, dtype=torch.float32, out=out)
 
 
-def merge(a: Snapshot | None, b: Snapshot | None) -> Snapshot | None:
-    """Combine two snapshots of the same layer by each counter's own reduction."""
-    if a is None or b is None:
-        return a if b is None else b
-    out: Snapshot = {}
-    for counter in COUNTERS:
-        op = {"max": np.maximum, "min": np.minimum, "sum": np.add}[counter.reduce]
-        out[counter.name] = op(a[counter.name], b[counter.name])
-    for name in HOST_COUNTERS:
-        out[name] = a[name] + b[name]
-    out["values"] = b["values"] if b["values"] is not None else a["values"]
-    return out
-
-
 class Tracker(Sink):
     """Receives observations from :class:`Probes`, closes windows, keeps the history."""
 
@@ -569,6 +500,23 @@ class Tracker(Sink):
         self.failure_step: int | None = None
         self._settled: tuple[int, list[Snapshot]] | None = None
         self._reset_loss()
+
+    def settings(self) -> dict[str, Any]:
+        """How it counts, and how far: the report's ``meta`` keeps these."""
+        return {
+            "steps": self.steps,
+            "window": self.window,
+            "sample_every": self.sample_every,
+            "dormancy_threshold": self.dormancy_threshold,
+        }
+
+    def read_producer(
+        self, layer: LayerState, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        """The weight (units first) and bias of the layer feeding ``layer``, as they are now:
+        for frameworks whose weights are not torch parameters the probes could keep (Keras
+        passes copies before each report)."""
+        layer.site = dataclasses.replace(layer.site, weight=weight, bias=bias)
 
     # -- Sink -----------------------------------------------------------------------------
     def fail(self, error: BaseException, step: int | None = None) -> None:

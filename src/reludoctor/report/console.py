@@ -14,7 +14,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from reludoctor.diagnose.findings import REMEDIES
+from reludoctor.catalogue.remedies import REMEDY_CATALOGUE, describe
 from reludoctor.report.report import Report
 from reludoctor.text import markup_safe, printable
 
@@ -59,7 +59,8 @@ def summary(report: Report, max_layers: int = 10) -> Group:
     table.add_column("grad norm", justify="right")
     stuck_shown = False
     for layer in report.worst_layers(max_layers):
-        style = "red" if layer.dead_fraction >= 0.4 else ("yellow" if layer.dead else "")
+        error = layer.dead_fraction >= report.dead_error_fraction
+        style = "red" if error else ("yellow" if layer.dead else "")
         dead = str(layer.dead)
         if not layer.can_die:
             style, dead = "", f"{layer.dead}*" if layer.dead else dead
@@ -95,11 +96,11 @@ def summary(report: Report, max_layers: int = 10) -> Group:
             line.append(f"{printable(finding.code)}: ")
             line.append(printable(finding.message))
             parts.append(line)
-        remedies = [code for code in findings[0].remedies if code in REMEDIES]
+        remedies = [code for code in findings[0].remedies if code in REMEDY_CATALOGUE]
         if remedies:
             parts.append(Text("What to try", style="bold"))
             for code in remedies:
-                parts.append(Text(f"  - {REMEDIES[code]} ({code})"))
+                parts.append(Text(f"  - {describe(code)} ({code})"))
     return Group(*parts)
 
 
@@ -145,29 +146,11 @@ def study_table(result: StudyResult, wide: bool = True) -> Table:
 
 def print_study(result: StudyResult, console: Console | None = None, quiet: bool = False) -> None:
     """Print the study's table and, unless ``quiet``, where it disagrees with the article."""
-    from reludoctor.study import LEARNED_R2, STILL_IMPROVING, TARGET
-
     console = console or Console()
     console.print(study_table(result, wide=console.width >= STUDY_WIDE))
     if quiet:
         return
-    treatment = (
-        f"treatment: rd.treat on the first seed's fresh model for {result.treat_steps} steps: "
-        "the remedy that lowered the loss most, and by how much. "
-        if result.treat_steps
-        else ""
-    )
-    console.print(
-        Text(
-            f"target {TARGET}. verdict: 'learns' at R^2 >= {LEARNED_R2} on the validation "
-            f"split, 'learns slowly' when the training loss still fell by {STILL_IMPROVING:.0%} "
-            "over the second half of the epochs, else 'stuck'. dead: ReLU units never positive "
-            "in the last window (- where the activation cannot die). grad L1: gradient norm of "
-            f"the first layer's weights after training. article: what it says (- not tried). "
-            f"{treatment}{result.seconds:.0f} s.",
-            style="dim",
-        )
-    )
+    console.print(Text(result.legend(), style="dim"))
     disagreements = result.disagreements()
     if disagreements:
         console.print(Text("* Where the measurement disagrees with the article", style="bold"))
@@ -227,7 +210,7 @@ def print_treatment(treatment: Treatment, console: Console | None = None) -> Non
     else:
         console.print(
             f"* recommended: {markup_safe(winner.remedy)} - "
-            f"{markup_safe(REMEDIES.get(winner.remedy, winner.remedy))} "
+            f"{markup_safe(describe(winner.remedy))} "
             f"(loss {-(winner.improvement or 0):+.0%} against the untreated copy)"
         )
     if treatment.not_tried:

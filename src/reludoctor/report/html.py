@@ -17,11 +17,16 @@ import json
 import os
 from html import escape
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reludoctor.diagnose.findings import REMEDIES, REMEDY_CODE, Finding
+from reludoctor.catalogue.remedies import REMEDY_CATALOGUE, describe
+from reludoctor.diagnose.findings import Finding
+from reludoctor.files import atomic_write_text
 from reludoctor.report import plots
-from reludoctor.report.report import Report, atomic_write_text
 from reludoctor.text import counted, printable
+
+if TYPE_CHECKING:
+    from reludoctor.report.report import Report
 
 #: Rows of the worst-layers table.
 TABLE_LAYERS = 10
@@ -198,8 +203,9 @@ def _summary(report: Report) -> str:
         parts.append("<h3>What to do, best first</h3>")
         parts.append('<ol class="remedies">')
         for code in remedies:
-            text = REMEDIES.get(code, code)
-            snippet = REMEDY_CODE.get(code)
+            text = describe(code)
+            remedy = REMEDY_CATALOGUE.get(code)
+            snippet = remedy.code_change if remedy else None
             parts.append(
                 f"<li><strong>{_e(text)}</strong> <code>{_e(code)}</code>"
                 + (f"<pre><code>{_e(snippet)}</code></pre>" if snippet else "")
@@ -242,7 +248,7 @@ def _worst_table(report: Report) -> str:
     ]
     for layer in report.worst_layers(TABLE_LAYERS):
         css = ""
-        if layer.can_die and layer.dead_fraction >= 0.4:
+        if layer.can_die and layer.dead_fraction >= report.dead_error_fraction:
             css = ' class="bad"'
         elif layer.can_die and layer.dead:
             css = ' class="warn"'

@@ -12,7 +12,7 @@ import io
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
@@ -23,8 +23,10 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from reludoctor.diagnose.summaries import LayerReport, Window
-from reludoctor.report.report import Report
 from reludoctor.text import printable
+
+if TYPE_CHECKING:
+    from reludoctor.report.report import Report
 
 ALIVE, DORMANT, DEAD = "#2f9e44", "#f08c00", "#d6336c"
 START, END = "#adb5bd", "#1c7ed6"

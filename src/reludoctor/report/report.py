@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import types
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -15,7 +14,9 @@ from typing import Any, Literal, TypedDict, Union, get_args, get_origin, get_typ
 
 from reludoctor.diagnose.findings import KIND_ORDER, SEVERITY_ORDER, Finding
 from reludoctor.diagnose.summaries import LayerReport, Window
+from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError
+from reludoctor.files import atomic_write_text
 from reludoctor.text import printable
 
 #: Version of the JSON layout written by :meth:`Report.save_json`.
@@ -54,6 +55,13 @@ class Report:
                 return layer
         known = ", ".join(repr(layer.name) for layer in self.layers) or "none"
         raise KeyError(f"no layer named {name!r} in this report; layers: {known}")
+
+    @property
+    def dead_error_fraction(self) -> float:
+        """The dead fraction from which a layer is an error (``Thresholds.dead_error_fraction``
+        of the run that made the report): the views colour layers by it."""
+        value = self.meta.get("dead_error_fraction")
+        return Thresholds.dead_error_fraction if value is None else value
 
     def mortal_dead_fraction(self) -> float | None:
         """Dead units over all units of the layers whose units can die (None: no such layer)."""
@@ -201,37 +209,6 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same directory.
-
-    A failure leaves any previous file untouched and no partial file behind.
-    """
-    target = Path(path)
-    directory = target.parent
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {target}: the directory {directory} does not exist; create it first"
-        )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not reports
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())  # on disk before it takes the name: no half file later
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
-
-
 # -- reading a report back: every field checked ---------------------------------------------
 CORRUPT = "corrupt reludoctor report"
 REWRITE = "pass a report.json that reludoctor wrote"
@@ -265,6 +242,7 @@ META_TYPES: dict[str, Any] = {
     "window": int,
     "sample_every": int,
     "dormancy_threshold": float,
+    "dead_error_fraction": float,
     "ranks": _Ranks,
 }
 

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from reludoctor.diagnose.findings import REMEDIES, Finding
+from reludoctor.catalogue.remedies import describe
+from reludoctor.diagnose.findings import Finding
 from reludoctor.diagnose.summaries import ZERO_SLOPE_KINDS, Window
 from reludoctor.errors import InputError
 from reludoctor.probe.tracker import Tracker
@@ -104,7 +105,7 @@ def findings_markdown(findings: Iterable[Finding]) -> str:
         item = f"- **{finding.severity}** {_code(finding.code)}{where}: {_text(finding.message)}"
         if finding.remedies:
             remedies = "; ".join(
-                f"{_text(REMEDIES.get(code, code))} ({_code(code)})" for code in finding.remedies
+                f"{_text(describe(code))} ({_code(code)})" for code in finding.remedies
             )
             item += f"\n  Remedies: {remedies}."
         items.append(item)
