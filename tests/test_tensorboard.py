@@ -61,6 +61,14 @@ def f32(value: float) -> float:
     return float(np.float32(value))
 
 
+def window_values(window: rd.Window) -> dict[str, dict]:
+    """Each layer's histogram values, as the window carries them."""
+    return {
+        wl.name: {"preactivation": wl.preactivation_values, "unit_gradient": wl.unit_gradients}
+        for wl in window.layers
+    }
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A watched training run with a log: the monitor, its log, and what it saw."""
@@ -74,7 +82,7 @@ def run(tmp_path_factory):
         optimizer=opt,
         window=WINDOW,
         log_dir=log_dir,
-        on_window=lambda w: values.__setitem__(w.end_step, dict(doc.tracker.window_values)),
+        on_window=lambda w: values.__setitem__(w.end_step, window_values(w)),
         on_finding=lambda f: announced[doc.steps].append(f),
     )
     for step in range(1, STEPS + 1):

@@ -857,3 +857,36 @@ def test_lasting_cpu_tensors_are_carved_from_few_blocks():
         assert len(blocks) == len({t.dtype for t in lasting})  # one block per dtype
         report = doc.report()
     assert [layer.samples for layer in report.layers] == [64] * 24
+
+
+def test_a_run_log_gets_each_window_its_findings_and_the_report_at_close():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    plant_dead(model[0], range(6))
+    events: list[tuple] = []
+
+    class Recorder:
+        def write_window(self, window: rd.Window) -> None:
+            layer = window.layers[0]
+            events.append(("window", window.end_step, layer.kind, layer.dead))
+            assert layer.preactivation_values is not None  # histogram values ride along
+
+        def write_findings(self, findings: list[rd.Finding], step: int) -> None:
+            events.append(("findings", step, sorted({f.code for f in findings})))
+
+        def close(self, report: rd.Report | None = None) -> None:
+            events.append(("close", report.layers[0].dead if report else None))
+
+    with rd.watch(model, window=5, sample_every=5) as doc:
+        doc.add_log(Recorder())
+        for step in range(10):
+            model(torch.randn(16, 4)).sum().backward()
+            doc.step(loss=float(step + 1))  # a loss that keeps rising: it diverges
+    doc.close()  # a second close writes nothing more
+    assert events == [
+        ("window", 5, "relu", 6),
+        ("findings", 5, ["loss_diverging"]),
+        ("window", 10, "relu", 6),
+        ("findings", 10, []),  # announced once
+        ("close", 6),
+    ]

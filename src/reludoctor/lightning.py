@@ -15,12 +15,13 @@ Needs the ``lightning`` package (``pip install reludoctor[lightning]``).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from reludoctor.api.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
+from reludoctor.diagnose.findings import Finding
 from reludoctor.diagnose.summaries import Window
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError
@@ -76,12 +77,10 @@ class DoctorCallback(L.Callback):
         self.thresholds = thresholds
         self.report_dir = report_dir
         self.doc: Monitor | None = None
-        self._trainer: Any = None
         self._tags = LayerTags()
 
     # -- fitting -----------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._trainer = trainer
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.doc = watch(
             pl_module,
@@ -89,8 +88,9 @@ class DoctorCallback(L.Callback):
             sample_every=self.sample_every,
             thresholds=self.thresholds,
             optimizer=optimizer,
-            on_window=self._log_window,
         )
+        if trainer.is_global_zero and trainer.loggers:  # only rank 0 logs
+            self.doc.add_log(TrainerLoggers(trainer, self._tags))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
         if self.doc is not None:  # the whole training step counts, however it runs the network
@@ -120,17 +120,6 @@ class DoctorCallback(L.Callback):
         if self.doc is not None and not self.doc.closed:
             self.doc.close()
 
-    # -- logging -----------------------------------------------------------------------------
-    def _log_window(self, window: Window) -> None:
-        trainer = self._trainer
-        if trainer is None or not trainer.is_global_zero or not trainer.loggers:
-            return
-        assert self.doc is not None
-        scalars = window_scalars(window, self.doc.tracker, self._tags)
-        metrics = {f"reludoctor/{tag}": value for tag, value in scalars.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-
     # -- results -----------------------------------------------------------------------------
     def report(self) -> Report:
         """The report so far (the last window and the open one, and the history)."""
@@ -148,3 +137,25 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, Mapping):
         return next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
     return None
+
+
+class TrainerLoggers:
+    """The trainer's loggers (TensorBoard, CSV, W&B ... as Lightning configures them) as a
+    :class:`~reludoctor.report.sinks.RunLog`: each closed window's scalars under
+    ``reludoctor/``, at the trainer's global step."""
+
+    def __init__(self, trainer: Any, tags: LayerTags) -> None:
+        self.trainer = trainer
+        self.tags = tags
+
+    def write_window(self, window: Window) -> None:
+        scalars = window_scalars(window, self.tags)
+        metrics = {f"reludoctor/{tag}": value for tag, value in scalars.items()}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+
+    def write_findings(self, findings: Sequence[Finding], step: int) -> None:
+        """Lightning's loggers take numbers only: findings reach the console's log."""
+
+    def close(self, report: Report | None = None) -> None:
+        """The trainer closes its loggers itself."""

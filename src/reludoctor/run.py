@@ -59,7 +59,7 @@ from torch import nn
 
 from reludoctor.api.monitor import DEFAULT_SAMPLE_EVERY, DEFAULT_WINDOW, Monitor, watch
 from reludoctor.errors import InputError
-from reludoctor.probe.ranks import world
+from reludoctor.probe.ranks import is_rank_zero
 from reludoctor.report.report import Report
 from reludoctor.text import printable
 
@@ -107,7 +107,7 @@ def prepare_out(out: str | os.PathLike[str]) -> Path:
     ``--out`` is told before the training, not after it. Under a launcher such as ``torchrun``
     only rank 0 (which writes the reports) touches the folder."""
     folder = Path(out).absolute()
-    if _launch_rank() != 0:
+    if not is_rank_zero():
         return folder
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--out {folder} is a file: give a folder for the reports")
@@ -120,15 +120,6 @@ def prepare_out(out: str | os.PathLike[str]) -> Path:
             f"cannot write the reports into {folder} ({reason}): give --out a folder you can write"
         ) from None
     return folder
-
-
-def _launch_rank() -> int:
-    """This process's rank as a launcher (``torchrun``) set it, before ``torch.distributed``
-    starts: 0 when there is none."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def _replace_manifest(folder: Path, names: list[str]) -> None:
@@ -394,7 +385,7 @@ class ScriptRun:
         model's class (made safe as a file name; ``-2``... for a name taken), in place of the
         reports the previous run wrote there (rank 0 only under ``torch.distributed``; other
         ranks write nothing and get [])."""
-        if world()[0] != 0:
+        if not is_rank_zero():
             return []
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from reludoctor.diagnose.findings import Finding
 from reludoctor.diagnose.observe import observe
 from reludoctor.diagnose.rules import LIVE_RULES, Observations, run_rules
 from reludoctor.diagnose.summaries import LayerReport, Window
+from reludoctor.diagnose.summarize import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Summarizer
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.fix.live_revival import LiveRevival
 from reludoctor.probe.probes import (
@@ -29,13 +30,14 @@ from reludoctor.probe.probes import (
     model_name,
 )
 from reludoctor.probe.ranks import DEFAULT_RANK_TIMEOUT, world
-from reludoctor.probe.tracker import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Tracker
+from reludoctor.probe.tracker import Tracker
 from reludoctor.report.build import build_report
 from reludoctor.report.report import Report
 from reludoctor.text import printable
 
 if TYPE_CHECKING:
     from reludoctor.probe.distributed import RankCombiner
+    from reludoctor.report.sinks import RunLog
     from reludoctor.report.tensorboard import TensorBoardLog
 
 DEFAULT_WINDOW = 100
@@ -98,11 +100,11 @@ class Monitor:
         self.on_finding = on_finding
         self._announced: set[tuple[str, str | None]] = set()
         self._static_facts = read_model_facts(model)
+        self.summarizer = Summarizer(dormancy_threshold, unit_detail_limit)
         self.tracker = Tracker(
             positive_int(window, "window"),
             positive_int(sample_every, "sample_every"),
-            dormancy_threshold=dormancy_threshold,
-            unit_detail_limit=unit_detail_limit,
+            summarize=self.summarizer.window,
         )
         self.tracker.learning_rate = self._learning_rate
         self.scaler = scaler
@@ -115,6 +117,9 @@ class Monitor:
 
             self.ranks = RankCombiner(rank_timeout)
             self.tracker.combine = self.ranks.combine
+        #: Where the run is logged at each window's end (rank 0 only): see :meth:`add_log`.
+        self.logs: list[RunLog] = []
+        self.tracker.on_window.append(self._write_logs)  # the window, then its findings
         self.tracker.on_window.append(self._announce_findings)
         self.revival: LiveRevival | None = None
         if revive:
@@ -138,13 +143,13 @@ class Monitor:
         if log_dir is not None and self.rank == 0:  # other ranks write nothing
             from reludoctor.report.tensorboard import TensorBoardLog
 
-            self.tensorboard = TensorBoardLog(log_dir, self.tracker)
-            self.tracker.on_window.append(self.tensorboard)
+            self.tensorboard = TensorBoardLog(log_dir)
+            self.add_log(self.tensorboard)
         try:
             self.probes: Probes | None = Probes(wrapper, self.tracker, count_eval=count_eval)
         except BaseException:
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            for log in self.logs:
+                log.close()
             raise
         #: Parts of the model whose activations cannot be seen: (module name, reason).
         self.unwatched: list[tuple[str, str]] = list(self.probes.unwatched)
@@ -264,7 +269,7 @@ class Monitor:
         """Per-layer summaries over the last closed window and the open one (what
         :meth:`report` holds), without running the rules."""
         _, snapshots = self.tracker.open_window()
-        return self.tracker.layer_reports(snapshots)
+        return self.summarizer.layer_reports(self.tracker.layers, snapshots)
 
     @property
     def example_input(self) -> torch.Tensor | None:
@@ -299,8 +304,18 @@ class Monitor:
                 )
             if self.on_finding is not None:
                 self.on_finding(finding)
-        if self.tensorboard is not None:
-            self.tensorboard.write_findings(new, window.end_step)
+        for log in self.logs:
+            log.write_findings(new, window.end_step)
+
+    def add_log(self, log: RunLog) -> None:
+        """Log the run to ``log`` too: each closed window, the findings announced at its end,
+        and the diagnosis at :meth:`close` (see :class:`~reludoctor.report.sinks.RunLog`).
+        Under ``torch.distributed``, add logs on rank 0 only."""
+        self.logs.append(log)
+
+    def _write_logs(self, window: Window) -> None:
+        for log in self.logs:
+            log.write_window(window)
 
     @property
     def steps(self) -> int:
@@ -346,6 +361,7 @@ class Monitor:
         if self.ranks is not None:
             meta["ranks"] = self.ranks.meta()
         meta.update(self.tracker.settings())
+        meta.update(self.summarizer.settings())
         return build_report(self._observations(), self.thresholds, meta)
 
     @property
@@ -388,7 +404,7 @@ class Monitor:
             gap = self._backend_reason()
         if gap is not None:
             unwatched.append((model_name(self.model), gap))
-        return observe(self.tracker, self.facts, unwatched)
+        return observe(self.tracker, self.summarizer, self.facts, unwatched)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -404,8 +420,11 @@ class Monitor:
             self.tracker.disarm()
             self.probes = None
             self.tracker.settle_open_window()  # with other ranks: all of them close together
-        if self.tensorboard is not None and not self.tensorboard.closed:
-            self.tensorboard.close(self._report())
+        logs, self.logs = self.logs, []
+        if logs:
+            report = self._report()
+            for log in logs:
+                log.close(report)
 
     @property
     def closed(self) -> bool:
@@ -423,8 +442,7 @@ class Monitor:
         self.close()
 
     def __del__(self) -> None:
-        log = getattr(self, "tensorboard", None)
-        if getattr(self, "probes", None) is not None or (log is not None and not log.closed):
+        if getattr(self, "probes", None) is not None or getattr(self, "logs", None):
             self.close()
 
 

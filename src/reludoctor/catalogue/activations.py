@@ -213,8 +213,9 @@ def he_gain(kind: str) -> float:
     return HE_GAINS.get(kind, _HE)
 
 
-def can_die(kind: str) -> bool:
-    """Whether units of this kind can die (no gradient below 0); False for an unknown kind.
+def can_die(kind: str | None) -> bool:
+    """Whether units of this kind can die (no gradient below 0); False for an unknown kind or
+    none.
 
     Example:
         >>> can_die("relu"), can_die("leaky_relu"), can_die("swish")

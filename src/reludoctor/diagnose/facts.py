@@ -15,25 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from reludoctor.catalogue.activations import he_gain
 from reludoctor.probe.inputs import InputFacts
 
-#: Gain of each activation for He initialisation: std = gain / sqrt(fan_in) keeps the
-#: signal's scale through a layer (PyTorch's ``nn.init.calculate_gain``; ReLU: sqrt(2)).
-ACTIVATION_GAIN: dict[str, float] = {
-    "relu": math.sqrt(2.0),
-    "relu6": math.sqrt(2.0),
-    "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2)),
-    "prelu": math.sqrt(2.0 / (1 + 0.25**2)),
-    "rrelu": math.sqrt(2.0),
-    "elu": math.sqrt(2.0),
-    "celu": math.sqrt(2.0),
-    "selu": 1.0,  # SELU wants lecun_normal: std = 1 / sqrt(fan_in)
-    "gelu": math.sqrt(2.0),
-    "silu": math.sqrt(2.0),
-    "mish": math.sqrt(2.0),
-    "hardswish": math.sqrt(2.0),
-    "hardtanh": math.sqrt(2.0),
-}
 _NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,
@@ -68,7 +52,7 @@ class LayerFacts:
         """``weight_std`` over the He value ``gain / sqrt(fan_in)`` for ``activation``."""
         if self.fan_in <= 0:
             return None
-        he = ACTIVATION_GAIN.get(activation, math.sqrt(2.0)) / math.sqrt(self.fan_in)
+        he = he_gain(activation) / math.sqrt(self.fan_in)
         return self.weight_std / he
 
 

@@ -7,19 +7,23 @@ from collections.abc import Sequence
 
 from reludoctor.diagnose.facts import ModelFacts
 from reludoctor.diagnose.rules import Observations
+from reludoctor.diagnose.summarize import Summarizer
 from reludoctor.probe.tracker import Tracker
 
 
 def observe(
-    tracker: Tracker, facts: ModelFacts, unwatched: Sequence[tuple[str, str]] = ()
+    tracker: Tracker,
+    summarizer: Summarizer,
+    facts: ModelFacts,
+    unwatched: Sequence[tuple[str, str]] = (),
 ) -> Observations:
-    """What the rules see now: the tracker's layer summaries (last closed window and the open
-    one), every window, ``facts`` with each layer's bias in units of its pre-activation's
-    spread, and what could not be watched (``unwatched`` modules, and the steps after an
-    error of the tracker's own). Framework-neutral: the Keras callback uses it too."""
+    """What the rules see now: the layer summaries of what ``tracker`` counted (last closed
+    window and the open one), every window, ``facts`` with each layer's bias in units of its
+    pre-activation's spread, and what could not be watched (``unwatched`` modules, and the
+    steps after an error of the tracker's own). Framework-neutral: Keras uses it too."""
     open_window, open_snapshots = tracker.open_window()
     windows = list(tracker.windows) + ([open_window] if open_window else [])
-    layers = tracker.layer_reports(open_snapshots)
+    layers = summarizer.layer_reports(tracker.layers, open_snapshots)
     facts = facts.with_preactivation_scale(
         {
             lay.producer: lay.start_preact_std

@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from reludoctor.catalogue.activations import he_gain
 from reludoctor.catalogue.remedies import (
     CAUSE_REMEDIES,
     RATE_REMEDIES,
     RECTIFIER_REMEDIES,
     SYMPTOM_REMEDIES,
 )
-from reludoctor.diagnose.facts import ACTIVATION_GAIN, LayerFacts, ModelFacts
+from reludoctor.diagnose.facts import LayerFacts, ModelFacts
 from reludoctor.diagnose.findings import Finding
 from reludoctor.diagnose.summaries import LayerReport, Window
 from reludoctor.diagnose.thresholds import Thresholds
@@ -439,7 +440,7 @@ def poor_init_scale(obs: Observations, t: Thresholds) -> Result:
         if ratio is None or facts.fan_in * facts.out_features < t.init_scale_min_weights:
             continue
         ratios[facts.name] = ratio
-        he_std = ACTIVATION_GAIN.get(activation.kind, math.sqrt(2)) / math.sqrt(facts.fan_in)
+        he_std = he_gain(activation.kind) / math.sqrt(facts.fan_in)
         if ratio > t.init_scale_off or ratio < 1 / t.init_scale_off:
             findings.append(
                 _cause(

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-#: Activations whose gradient is 0 for every negative pre-activation: only their units can die.
-#: Leaky ReLU, PReLU, ELU, SELU, GELU ... still pass a gradient below 0, so a unit of theirs
-#: that is never positive is stuck on the negative side, not dead.
-ZERO_SLOPE_KINDS = frozenset({"relu", "relu6", "hardtanh"})
+import numpy as np
+
+from reludoctor.catalogue import activations
+
+#: Marks a field kept in memory but not written to the JSON report.
+TRANSIENT = {"transient": True}
 
 
 @dataclass
@@ -57,13 +59,14 @@ class LayerReport:
     held_shift_mean: float | None = None
     #: Pre-activation histograms on shared bins: ``edges``, ``start`` (first batch) and
     #: ``end`` (last sampled step) counts; see
-    #: :func:`reludoctor.probe.tracker.preactivation_histogram`.
+    #: :func:`reludoctor.diagnose.summarize.preactivation_histogram`.
     preact_histogram: dict[str, Any] | None = None
 
     @property
     def can_die(self) -> bool:
-        """Whether this activation's units get no gradient when never positive."""
-        return self.kind in ZERO_SLOPE_KINDS
+        """Whether this activation's units get no gradient when never positive (see
+        :mod:`reludoctor.catalogue.activations`)."""
+        return activations.can_die(self.kind)
 
     @property
     def alive(self) -> int:
@@ -97,6 +100,32 @@ class WindowLayer:
     zero_grad_units: int | None = None
     nonfinite_units: int = 0
     update_ratio: float | None = None
+    #: The activation's kind (``"relu"``...), as in :class:`LayerReport` (None in reports
+    #: written before windows carried it).
+    kind: str | None = None
+    #: The values the window's histograms are drawn from (kept in memory for the views that
+    #: log each window, not in the JSON report): pre-activations of the window's last sampled
+    #: step, and each unit's gradient norm; None where not measured.
+    preactivation_values: np.ndarray | None = field(
+        default=None, repr=False, compare=False, metadata=TRANSIENT
+    )
+    unit_gradients: np.ndarray | None = field(
+        default=None, repr=False, compare=False, metadata=TRANSIENT
+    )
+
+
+def kept_fields(record: Any) -> dict[str, Any]:
+    """A summary's fields as plain data, without those kept in memory only.
+
+    Example:
+        >>> kept_fields(WindowLayer("fc", 4, 1, 0.25, 32, kind="relu"))["kind"]
+        'relu'
+        >>> "preactivation_values" in kept_fields(WindowLayer("fc", 4, 1, 0.25, 32))
+        False
+    """
+    return {
+        f.name: getattr(record, f.name) for f in fields(record) if not f.metadata.get("transient")
+    }
 
 
 @dataclass

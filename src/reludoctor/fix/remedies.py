@@ -29,42 +29,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from reludoctor.catalogue.activations import INIT_NAMES, SWAP_KINDS, can_die
+from reludoctor.diagnose.summarize import Summarizer
 from reludoctor.errors import InputError
-from reludoctor.probe.probes import Probes
+from reludoctor.probe.probes import ACTIVATION_MODULES, UNWATCHED_ACTIVATION_MODULES, Probes
 from reludoctor.probe.tracker import Tracker
 
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Layers whose rows are units (Linear, Conv): what remedies and revival act on.
 WEIGHTED_LAYERS = (nn.Linear, *CONV_LAYERS)
 
-#: Activations a ReLU can be swapped for, with PyTorch's defaults.
+#: Activation modules by their kind (:mod:`reludoctor.catalogue.activations`), watched or not.
+_MODULE_KINDS: dict[type[nn.Module], str] = {**ACTIVATION_MODULES, **UNWATCHED_ACTIVATION_MODULES}
+_KIND_MODULES: dict[str, type[nn.Module]] = {kind: cls for cls, kind in _MODULE_KINDS.items()}
+
+#: Activations a ReLU can be swapped for (the catalogue's swap targets), with PyTorch's defaults.
 SWAP_TARGETS: dict[str, Callable[..., nn.Module]] = {
-    "leaky_relu": nn.LeakyReLU,
-    "prelu": nn.PReLU,
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "celu": nn.CELU,
-    "gelu": nn.GELU,
-    "relu": nn.ReLU,
+    kind: _KIND_MODULES[kind] for kind in SWAP_KINDS
 }
 
-#: The activations ``swap_activation`` replaces by default: the ones whose units can die.
-DYING_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+#: The activations ``swap_activation`` replaces: the ones whose units can die.
+CAN_DIE_MODULES: tuple[type[nn.Module], ...] = tuple(
+    cls for cls, kind in ACTIVATION_MODULES.items() if can_die(kind)
+)
 
 #: Activation modules and the ``nonlinearity`` name ``nn.init`` knows them by.
 _GAIN_NAMES: dict[type[nn.Module], str] = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu",
-    nn.LeakyReLU: "leaky_relu",
-    nn.PReLU: "leaky_relu",
-    nn.RReLU: "leaky_relu",
-    nn.ELU: "relu",
-    nn.CELU: "relu",
-    nn.GELU: "relu",
-    nn.SiLU: "relu",
-    nn.SELU: "selu",
-    nn.Tanh: "tanh",
-    nn.Sigmoid: "sigmoid",
+    cls: INIT_NAMES[kind] for cls, kind in _MODULE_KINDS.items() if kind in INIT_NAMES
 }
 
 
@@ -352,7 +343,7 @@ def swap_activation(
         (parent, child_name, child, f"{parent_name}.{child_name}".lstrip("."))
         for parent_name, parent in model.named_modules()
         for child_name, child in parent.named_children()
-        if type(child) in DYING_ACTIVATIONS
+        if type(child) in CAN_DIE_MODULES
     ]
     functional = _functional_calls(model, example) if example is not None else None
     if not targets and not functional:
@@ -410,7 +401,7 @@ def _selu_companions(model: nn.Module, record: RemedyRecord) -> None:
 def _functional_calls(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the activation call sites that are functional (not modules), from one forward
     in eval mode without gradients."""
-    tracker = Tracker(window=sys.maxsize, sample_every=1)
+    tracker = Tracker(window=sys.maxsize, sample_every=1, summarize=Summarizer().window)
     probes = Probes(model, tracker, count_eval=True)
     was_training = model.training
     model.eval()
@@ -425,7 +416,7 @@ def _functional_calls(model: nn.Module, example: torch.Tensor) -> list[str]:
     return [
         f"{site.name} ({site.source})" if site.source else site.name
         for site in sites
-        if site.via == "functional" and site.kind in ("relu", "relu6", "hardtanh")
+        if site.via == "functional" and can_die(site.kind)
     ]
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from reludoctor.catalogue.activations import ACTIVATION_CATALOGUE
 from reludoctor.diagnose.summaries import LayerReport
 from reludoctor.fix.remedies import (
     CONV_LAYERS,
@@ -62,14 +63,13 @@ class UnitSource(Protocol):
 
 
 #: Functions that act on each unit separately (element-wise, or per channel): a unit's values
-#: stay its own through them.
+#: stay its own through them. Every activation kind of the catalogue is one.
 _PER_UNIT = frozenset(
     {
-        "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu",
-        "selu_", "celu", "celu_", "gelu", "silu", "mish", "hardswish", "hardtanh",
-        "hardtanh_", "rrelu", "rrelu_", "prelu", "sigmoid", "tanh", "dropout", "dropout1d",
-        "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "contiguous",
-        "clone", "to", "float", "double", "half", "bfloat16", "type_as", "detach",
+        *ACTIVATION_CATALOGUE, "relu_", "leaky_relu_", "elu_", "selu_", "celu_", "hardtanh_",
+        "rrelu_", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+        "feature_alpha_dropout", "contiguous", "clone", "to", "float", "double", "half",
+        "bfloat16", "type_as", "detach",
     }
 )  # fmt: skip
 #: Per-channel functions: they keep units only when the unit dimension is 1 (channels).

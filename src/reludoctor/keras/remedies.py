@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from reludoctor.catalogue.activations import KERAS_SWAP_KINDS, can_die
 from reludoctor.fix.remedies import RemedyError, RemedyRecord
 from reludoctor.keras.watch import activation_kind, flat_layers, keras_module
 
-#: Activations :func:`swap_activation` can put in, by their Keras names.
-KERAS_SWAP_TARGETS = ("leaky_relu", "elu", "selu", "gelu", "silu")
+#: Activations :func:`swap_activation` can put in, by their Keras names (from
+#: :mod:`reludoctor.catalogue.activations`).
+KERAS_SWAP_TARGETS: tuple[str, ...] = KERAS_SWAP_KINDS
 
 
 def _require_keras_model(model: Any, remedy: str) -> Any:
@@ -131,7 +133,7 @@ def swap_activation(
     record = RemedyRecord("swap_activation", details={"to": to})
     for layer in flat_layers(model):
         kind = activation_kind(layer, keras)
-        if kind is None or kind[0] not in ("relu", "relu6"):
+        if kind is None or not can_die(kind[0]):
             if to == "selu" and isinstance(layer, keras.layers.Dropout):
                 record.skipped.append(
                     f"{layer.name}: Dropout stays (SELU wants AlphaDropout({layer.rate}); "

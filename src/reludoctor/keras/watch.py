@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from reludoctor.catalogue.activations import KERAS_KINDS
 from reludoctor.checks import positive_int
 from reludoctor.diagnose.facts import LayerFacts, ModelFacts, weight_facts
 from reludoctor.diagnose.observe import observe
+from reludoctor.diagnose.summarize import Summarizer
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError
 from reludoctor.keras.tap import TrainStepTap
@@ -42,17 +44,9 @@ from reludoctor.report.build import build_report
 from reludoctor.report.report import Report
 from reludoctor.report.tensorboard import TensorBoardLog
 
-#: Keras activation functions (by name) that reludoctor watches, and its name for each kind.
-ACTIVATION_KINDS = {
-    "relu": "relu",
-    "relu6": "relu6",
-    "leaky_relu": "leaky_relu",
-    "elu": "elu",
-    "selu": "selu",
-    "gelu": "gelu",
-    "silu": "silu",
-    "swish": "silu",
-}
+#: Keras activation functions (by name) that reludoctor watches, and its name for each kind
+#: (from :mod:`reludoctor.catalogue.activations`).
+ACTIVATION_KINDS: dict[str, str] = KERAS_KINDS
 
 
 def keras_module() -> Any:
@@ -335,7 +329,8 @@ class KerasWatch:
         self.probe = KerasProbe(model)
         self.model = model
         self.thresholds = thresholds or Thresholds()
-        self.tracker = Tracker(window, 1)
+        self.summarizer = Summarizer()
+        self.tracker = Tracker(window, 1, summarize=self.summarizer.window)
         self._states: dict[str, Any] = {}
         #: The layer whose kernel feeds each watched layer, by the watched layer's name.
         self.producers = {w.site.name: p for w in self.probe.watched if (p := _producer(w))}
@@ -423,8 +418,10 @@ class KerasWatch:
         if self.probe.skipped:
             meta["not_watched"] = dict(self.probe.skipped)
         self._read_biases()
-        observations = observe(self.tracker, _facts(self.model, self.tracker, self.layer_facts))
-        return build_report(observations, self.thresholds, {**meta, **self.tracker.settings()})
+        facts = _facts(self.model, self.tracker, self.layer_facts)
+        observations = observe(self.tracker, self.summarizer, facts)
+        settings = {**self.tracker.settings(), **self.summarizer.settings()}
+        return build_report(observations, self.thresholds, {**meta, **settings})
 
 
 def scan_keras(
@@ -530,8 +527,8 @@ def doctor_callback_class() -> type:
             self.watch = KerasWatch(self.model, window=self.window, thresholds=self.thresholds)
             self.watch.tracker.learning_rate = self._learning_rate
             if self.log_dir is not None:
-                self.tensorboard = TensorBoardLog(self.log_dir, self.watch.tracker)
-                self.watch.tracker.on_window.append(self.tensorboard)
+                self.tensorboard = TensorBoardLog(self.log_dir)
+                self.watch.tracker.on_window.append(self.tensorboard.write_window)
             kernels = {name: layer.kernel for name, layer in self.watch.producers.items()}
             tap = self._tap
             same = tap is not None and tap.model is self.model

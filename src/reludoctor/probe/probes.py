@@ -48,9 +48,11 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.compiler import is_compiling
 from torch.overrides import TorchFunctionMode
 
+from reludoctor.catalogue.activations import body_only
 from reludoctor.text import printable
 
-#: Activation modules, and the name of their function.
+#: Activation modules, and the name of their function (their kind in
+#: :mod:`reludoctor.catalogue.activations`, which holds what is known of each kind).
 ACTIVATION_MODULES: dict[type[nn.Module], str] = {
     nn.ReLU: "relu",
     nn.ReLU6: "relu6",
@@ -64,6 +66,11 @@ ACTIVATION_MODULES: dict[type[nn.Module], str] = {
     nn.SiLU: "silu",
     nn.Mish: "mish",
     nn.Hardswish: "hardswish",
+}
+#: Activation modules reludoctor knows of (for their initialisation gain) but does not watch.
+UNWATCHED_ACTIVATION_MODULES: dict[type[nn.Module], str] = {
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
 }
 
 _F_NAMES = (
@@ -339,7 +346,7 @@ class _Patcher:
         local = self.local
         internal_codes = self.internal_codes
         module_codes = self.module_codes
-        module_only = kind == "hardtanh"
+        module_only = body_only(kind)  # hardtanh: only as the body of nn.ReLU6
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if is_compiling():  # traced by torch.compile, or run by it on fake tensors

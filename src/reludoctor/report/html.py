@@ -225,12 +225,12 @@ def _status(report: Report) -> str:
             '<p class="status good">no ReLU-family activation was seen: nothing to judge. '
             "Did the model run a forward pass while watched?</p>"
         )
-    mortal = [layer for layer in report.layers if layer.can_die]
-    dead = sum(layer.dead for layer in mortal)
-    units = sum(layer.units for layer in mortal)
-    hit = sum(1 for layer in mortal if layer.dead)
+    can_die = [layer for layer in report.layers if layer.can_die]
+    dead = sum(layer.dead for layer in can_die)
+    units = sum(layer.units for layer in can_die)
+    hit = sum(1 for layer in can_die if layer.dead)
     counts = _e(
-        f"{dead} of {units} units dead in {hit} of {len(mortal)} layers whose units can die"
+        f"{dead} of {units} units dead in {hit} of {len(can_die)} layers whose units can die"
     )
     if report.healthy:
         return f'<p class="status good">Healthy: no finding at error level ({counts}).</p>'

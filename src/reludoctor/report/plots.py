@@ -77,14 +77,14 @@ def short(name: str, limit: int = LABEL_CHARS) -> str:
     return printable(name).replace("$", r"\$")
 
 
-def _mortal_dead(window: Window, mortal: set[str]) -> int:
-    return sum(wl.dead for wl in window.layers if wl.name in mortal)
+def _dead_in(window: Window, can_die: set[str]) -> int:
+    return sum(wl.dead for wl in window.layers if wl.name in can_die)
 
 
 def death_windows(report: Report) -> list[Window]:
     """Windows in which units died: more dead units (in layers whose units can die) than in the
     window before, or than on the first batch for the first window."""
-    mortal = {layer.name for layer in report.layers if layer.can_die}
+    can_die = {layer.name for layer in report.layers if layer.can_die}
     before = sum(
         round((layer.start_dead_fraction or 0.0) * layer.units)
         for layer in report.layers
@@ -92,7 +92,7 @@ def death_windows(report: Report) -> list[Window]:
     )
     died = []
     for window in report.windows:
-        dead = _mortal_dead(window, mortal)
+        dead = _dead_in(window, can_die)
         if dead > before:
             died.append(window)
         before = dead

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, Union, get_args, get_origin, get_type_hints
 
 from reludoctor.diagnose.findings import KIND_ORDER, SEVERITY_ORDER, Finding
-from reludoctor.diagnose.summaries import LayerReport, Window
+from reludoctor.diagnose.summaries import LayerReport, Window, kept_fields
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError
 from reludoctor.files import atomic_write_text
@@ -64,10 +64,11 @@ class Report:
         return Thresholds.dead_error_fraction if value is None else value
 
     def mortal_dead_fraction(self) -> float | None:
-        """Dead units over all units of the layers whose units can die (None: no such layer)."""
-        mortal = [layer for layer in self.layers if layer.can_die]
-        units = sum(layer.units for layer in mortal)
-        return sum(layer.dead for layer in mortal) / units if units else None
+        """Dead units over all units of the layers whose units can die (None: no such layer;
+        which kinds can die: :mod:`reludoctor.catalogue.activations`)."""
+        can_die = [layer for layer in self.layers if layer.can_die]
+        units = sum(layer.units for layer in can_die)
+        return sum(layer.dead for layer in can_die) / units if units else None
 
     def worst_layers(self, n: int | None = None) -> list[LayerReport]:
         """Layers by dead fraction, worst first (ties: more dead units first); layers whose
@@ -124,7 +125,8 @@ class Report:
                 "healthy": self.healthy,
                 "layers": [asdict(layer) for layer in self.layers],
                 "windows": [
-                    {**asdict(w), "layers": [asdict(wl) for wl in w.layers]} for w in self.windows
+                    {**kept_fields(w), "layers": [kept_fields(wl) for wl in w.layers]}
+                    for w in self.windows
                 ],
                 "findings": [f.to_dict() for f in self.findings],
                 "facts": dict(self.facts),
@@ -388,7 +390,8 @@ def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
         if f.default is MISSING and f.default_factory is MISSING
         and type(None) not in get_args(hints[f.name])
     }  # fmt: skip
-    return {f.name: hints[f.name] for f in fields(cls)}, frozenset(required)
+    kept = [f for f in fields(cls) if not f.metadata.get("transient")]
+    return {f.name: hints[f.name] for f in kept}, frozenset(required)
 
 
 def _record(data: dict[str, Any], cls: type, where: str) -> Any:

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from reludoctor.catalogue.activations import can_die
 from reludoctor.catalogue.remedies import describe
 from reludoctor.diagnose.findings import Finding
-from reludoctor.diagnose.summaries import ZERO_SLOPE_KINDS, Window
+from reludoctor.diagnose.summaries import Window
 from reludoctor.errors import InputError
-from reludoctor.probe.tracker import Tracker
 from reludoctor.report.report import Report
 
 #: Characters kept in a layer's tag; any other becomes ``_``.
@@ -69,24 +69,23 @@ class LayerTags:
         return self.tags[layer]
 
 
-def window_scalars(window: Window, tracker: Tracker, tags: LayerTags) -> dict[str, float]:
+def window_scalars(window: Window, tags: LayerTags) -> dict[str, float]:
     """A closed window's scalars by tag: per layer ``dead_fraction/<tag>``,
     ``alive_units/<tag>`` and ``grad_norm/<tag>`` (when measured), and ``dead_fraction/all``
     over the layers whose units can die. Shared by TensorBoard and Lightning's loggers."""
-    kinds = {layer.site.name: layer.site.kind for layer in tracker.layers}
     scalars: dict[str, float] = {}
-    mortal_units = mortal_dead = 0
+    can_die_units = can_die_dead = 0
     for layer in window.layers:
         tag = tags(layer.name)
         scalars[f"dead_fraction/{tag}"] = layer.dead_fraction
         scalars[f"alive_units/{tag}"] = float(layer.units - layer.dead)
         if layer.grad_norm is not None:
             scalars[f"grad_norm/{tag}"] = layer.grad_norm
-        if kinds.get(layer.name) in ZERO_SLOPE_KINDS:
-            mortal_units += layer.units
-            mortal_dead += layer.dead
-    if mortal_units:
-        scalars[f"dead_fraction/{ALL_LAYERS}"] = mortal_dead / mortal_units
+        if can_die(layer.kind):
+            can_die_units += layer.units
+            can_die_dead += layer.dead
+    if can_die_units:
+        scalars[f"dead_fraction/{ALL_LAYERS}"] = can_die_dead / can_die_units
     return scalars
 
 
@@ -178,8 +177,8 @@ def _text_summary(tag: str, markdown: str) -> Any:
 class TensorBoardLog:
     """Writes a watched run to a TensorBoard log directory, at each window's end.
 
-    Append it to ``tracker.on_window`` (``rd.watch(log_dir=...)`` does); it reads the closed
-    window and ``tracker.window_values``. Then ``tensorboard --logdir <log_dir>`` shows it.
+    Call it with each closed window (``rd.watch(log_dir=...)`` does): it reads the window
+    only, histograms included. Then ``tensorboard --logdir <log_dir>`` shows it.
 
     Example:
         >>> import tempfile, torch, reludoctor as rd
@@ -194,10 +193,9 @@ class TensorBoardLog:
         {'1': '1'}
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], tracker: Tracker) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
         summary_writer = _summary_writer_class()
         self.log_dir = _writable_directory(log_dir)
-        self.tracker = tracker
         self.tag = LayerTags()  # the tag part each layer is written under
         self._writer: Any = summary_writer(log_dir=str(self.log_dir))
 
@@ -210,17 +208,17 @@ class TensorBoardLog:
         """Each layer's name and the tag part it is written under (distinct per layer)."""
         return self.tag.tags
 
-    def __call__(self, window: Window) -> None:
+    def write_window(self, window: Window) -> None:
         """Write one closed window's scalars and histograms at step ``window.end_step``."""
         if self._writer is None:
             return
         writer, step = self._writer, window.end_step
-        for tag, value in window_scalars(window, self.tracker, self.tag).items():
+        for tag, value in window_scalars(window, self.tag).items():
             writer.add_scalar(tag, value, step)
         for layer in window.layers:
-            values = self.tracker.window_values.get(layer.name, {})
-            for kind in ("preactivation", "unit_gradient"):
-                self._histogram(f"{kind}/{self.tag(layer.name)}", values.get(kind), step)
+            tag = self.tag(layer.name)
+            self._histogram(f"preactivation/{tag}", layer.preactivation_values, step)
+            self._histogram(f"unit_gradient/{tag}", layer.unit_gradients, step)
         if window.loss_mean is not None and math.isfinite(window.loss_mean):
             writer.add_scalar("loss", window.loss_mean, step)
         writer.flush()
