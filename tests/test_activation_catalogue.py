@@ -16,7 +16,7 @@ from reludoctor.catalogue.activations import (
     WATCHED,
 )
 from reludoctor.fix.remedies import _GAIN_NAMES, CAN_DIE_MODULES, SWAP_TARGETS
-from reludoctor.probe.probes import (
+from reludoctor.probe.targets import (
     ACTIVATION_MODULES,
     ATEN_TARGETS,
     FUNCTIONAL_TARGETS,

@@ -22,13 +22,8 @@ from reludoctor.diagnose.summaries import LayerReport, Window
 from reludoctor.diagnose.summarize import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Summarizer
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.fix.live_revival import LiveRevival
-from reludoctor.probe.probes import (
-    BACKEND_REASON,
-    Probes,
-    compiled_module,
-    is_compiled,
-    model_name,
-)
+from reludoctor.probe.compiled import compiled_module, is_compiled
+from reludoctor.probe.probes import BACKEND_REASON, Probes, model_name
 from reludoctor.probe.ranks import DEFAULT_RANK_TIMEOUT, world
 from reludoctor.probe.tracker import Tracker
 from reludoctor.report.build import build_report

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from reludoctor.api.monitor import silenced_live_findings, watch
+from reludoctor.api.scan import scan
 from reludoctor.catalogue.remedies import REMEDY_CATALOGUE, TREATABLE
 from reludoctor.fix.remedies import (
     RemedyError,
@@ -68,8 +69,6 @@ def _apply(
     if code == "reset_norm_shift":
         return reset_norm_shift(model)
     if code == "revive_units":
-        from reludoctor.api.scan import scan
-
         report = scan(model, example, batch_size=len(example))
         return revive_units(model, report, optimizer, example=example)
     raise RemedyError(f"{code} is not a change reludoctor can make to a model in place")

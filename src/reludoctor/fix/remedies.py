@@ -32,7 +32,8 @@ from torch import nn
 from reludoctor.catalogue.activations import INIT_NAMES, SWAP_KINDS, can_die
 from reludoctor.diagnose.summarize import Summarizer
 from reludoctor.errors import InputError
-from reludoctor.probe.probes import ACTIVATION_MODULES, UNWATCHED_ACTIVATION_MODULES, Probes
+from reludoctor.probe.probes import Probes
+from reludoctor.probe.targets import ACTIVATION_MODULES, UNWATCHED_ACTIVATION_MODULES
 from reludoctor.probe.tracker import Tracker
 
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
@@ -49,127 +48,20 @@ from torch.compiler import is_compiling
 from torch.overrides import TorchFunctionMode
 
 from reludoctor.catalogue.activations import body_only
+from reludoctor.probe.compiled import compiled_backend, compiled_fullgraph, compiled_module
+from reludoctor.probe.targets import (
+    ACTIVATION_MODULES,
+    ADD_TARGETS,
+    ATEN_NAMES,
+    ATEN_TARGETS,
+    CHANNEL_FIRST,
+    FUNCTIONAL_TARGETS,
+    PASS_THROUGH,
+    TENSOR_TARGETS,
+    activation_kind,
+    is_activation_type,
+)
 from reludoctor.text import printable
-
-#: Activation modules, and the name of their function (their kind in
-#: :mod:`reludoctor.catalogue.activations`, which holds what is known of each kind).
-ACTIVATION_MODULES: dict[type[nn.Module], str] = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu6",
-    nn.LeakyReLU: "leaky_relu",
-    nn.PReLU: "prelu",
-    nn.RReLU: "rrelu",
-    nn.ELU: "elu",
-    nn.CELU: "celu",
-    nn.SELU: "selu",
-    nn.GELU: "gelu",
-    nn.SiLU: "silu",
-    nn.Mish: "mish",
-    nn.Hardswish: "hardswish",
-}
-#: Activation modules reludoctor knows of (for their initialisation gain) but does not watch.
-UNWATCHED_ACTIVATION_MODULES: dict[type[nn.Module], str] = {
-    nn.Tanh: "tanh",
-    nn.Sigmoid: "sigmoid",
-}
-
-_F_NAMES = (
-    "relu",
-    "relu_",
-    "relu6",
-    "leaky_relu",
-    "leaky_relu_",
-    "rrelu",
-    "rrelu_",
-    "elu",
-    "elu_",
-    "celu",
-    "celu_",
-    "selu",
-    "selu_",
-    "gelu",
-    "silu",
-    "mish",
-    "hardswish",
-    "prelu",
-)
-_TORCH_NAMES = ("relu", "relu_", "selu", "selu_", "celu", "celu_", "rrelu", "rrelu_", "prelu")
-
-#: Functional activations swapped per forward: (namespace, attribute) -> activation name.
-#: ``hardtanh`` is watched only as the body of ``nn.ReLU6``.
-FUNCTIONAL_TARGETS: dict[tuple[Any, str], str] = {
-    **{(F, name): name.rstrip("_") for name in _F_NAMES},
-    **{(torch, name): name.rstrip("_") for name in _TORCH_NAMES},
-    (F, "hardtanh"): "hardtanh",
-}
-#: Tensor methods, swapped while any model is watched.
-TENSOR_TARGETS: dict[tuple[Any, str], str] = {
-    (torch.Tensor, "relu"): "relu",
-    (torch.Tensor, "relu_"): "relu",
-}
-
-#: Additions counted during the first forward: two same-shaped activations added are a
-#: residual (skip) path.
-ADD_TARGETS: dict[tuple[Any, str], str] = {
-    (torch, "add"): "add",
-    (torch.Tensor, "add"): "add",
-    (torch.Tensor, "add_"): "add",
-    (torch.Tensor, "__add__"): "add",
-    (torch.Tensor, "__iadd__"): "add",
-    (torch.Tensor, "__radd__"): "add",
-}
-
-#: ATen operators seen in graphs from ``torch.export`` -> activation name.
-_ATEN = torch.ops.aten
-ATEN_TARGETS: dict[Any, str] = {
-    _ATEN.relu.default: "relu",
-    _ATEN.relu_.default: "relu",
-    _ATEN.leaky_relu.default: "leaky_relu",
-    _ATEN.leaky_relu_.default: "leaky_relu",
-    _ATEN.elu.default: "elu",
-    _ATEN.elu_.default: "elu",
-    _ATEN.celu.default: "celu",
-    _ATEN.selu.default: "selu",
-    _ATEN.gelu.default: "gelu",
-    _ATEN.silu.default: "silu",
-    _ATEN.silu_.default: "silu",
-    _ATEN.mish.default: "mish",
-    _ATEN.hardswish.default: "hardswish",
-    _ATEN.prelu.default: "prelu",
-    _ATEN._prelu_kernel.default: "prelu",
-}
-
-#: Modules through which a unit keeps its identity (same features in, same features out).
-_PASS_THROUGH = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-)
-#: Modules whose output features sit in dim 1 (channels) rather than the last dim.
-_CHANNEL_FIRST = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-)
-
-
-def _activation_kind(module_type: type) -> str | None:
-    for cls in module_type.__mro__:
-        kind = ACTIVATION_MODULES.get(cls)
-        if kind is not None:
-            return kind
-    return None
 
 
 @dataclass
@@ -929,7 +821,7 @@ class Probes:
         """The layer for the ``n``-th call of an activation module in this forward."""
 
         def describe() -> Site | None:
-            kind = _activation_kind(type(module))
+            kind = activation_kind(type(module))
             if kind is None:
                 return None
             name = self.module_names.get(id(module)) or self.root_name
@@ -967,7 +859,7 @@ class Probes:
             if innermost is not None:
                 path, module_type = innermost
                 owner = path or self.root_name
-                via = "module" if _is_activation_type(module_type) else "functional"
+                via = "module" if is_activation_type(module_type) else "functional"
             source = node.args[0] if node.args else None
             producer = source if isinstance(source, torch.fx.Node) else None
             return self._site(owner, kind, via, node.name, x, producer)
@@ -1094,7 +986,7 @@ class Probes:
                 if isinstance(weight, nn.Parameter) and not transposed:
                     return weight
                 return None
-            if not isinstance(producer, _PASS_THROUGH):
+            if not isinstance(producer, PASS_THROUGH):
                 return None
             producer = self._input_producer.get(id(producer))
             hops += 1
@@ -1128,7 +1020,6 @@ def model_name(model: nn.Module) -> str:
 
 
 #: Names of the ATen operators of rectifier-family activations ("aten::relu" ...).
-_ATEN_NAMES = frozenset(op.name() for op in ATEN_TARGETS)
 
 
 def _first_forward(probes: Probes, inner: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -1167,50 +1058,6 @@ def _own_code(function: types.FunctionType) -> types.FunctionType:
     return copy
 
 
-def compiled_module(model: nn.Module) -> nn.Module:
-    """The module ``torch.compile``'s wrapper compiles (``model`` itself otherwise)."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
-def _compile_contexts(model: nn.Module) -> list[Any]:
-    """What ``torch.compile`` keeps of how ``model`` (its wrapper, or compiled in place) is
-    compiled: its options, when they can be found."""
-    contexts = [getattr(model, "dynamo_ctx", None)]
-    call = getattr(model, "_compiled_call_impl", None)
-    for cell in getattr(call, "__closure__", None) or ():
-        try:
-            contexts.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            continue
-    return [c for c in contexts if hasattr(c, "fullgraph")]
-
-
-def compiled_fullgraph(model: nn.Module) -> bool:
-    """Whether ``model`` is compiled (its wrapper, or in place) with ``fullgraph=True``."""
-    return any(c.fullgraph is True for c in _compile_contexts(model))
-
-
-def compiled_backend(model: nn.Module) -> str | None:
-    """The name of the backend ``model`` is compiled with, when it can be found."""
-    for context in _compile_contexts(model):
-        backend = getattr(context, "callback", None)
-        while hasattr(backend, "_torchdynamo_orig_backend"):
-            backend = backend._torchdynamo_orig_backend
-        name = getattr(backend, "compiler_name", None) or getattr(backend, "__name__", None)
-        if isinstance(name, str):
-            return name
-    return None
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is ``torch.compile``'s wrapper or was compiled in place
-    (``model.compile()``)."""
-    return compiled_module(model) is not model or (
-        getattr(model, "_compiled_call_impl", None) is not None
-    )
-
-
 def _own_methods(model: nn.Module) -> list[types.FunctionType]:
     """The methods (not dunder) of the classes of ``model``'s modules defined outside torch:
     the user's code, whose default arguments may hold an activation function."""
@@ -1246,8 +1093,8 @@ def _scripted_activations(model: nn.Module) -> list[tuple[str, str]]:
         try:
             ops = {node.kind() for node in module.inlined_graph.nodes()}
         except Exception:  # no forward, or a graph it cannot show: it may run any activation
-            ops = set(_ATEN_NAMES)
-        if ops & _ATEN_NAMES:
+            ops = set(ATEN_NAMES)
+        if ops & ATEN_NAMES:
             found.append(
                 (
                     name or model_name(model),
@@ -1302,16 +1149,10 @@ def _innermost_module(node: torch.fx.Node) -> tuple[str, Any] | None:
     return list(stack.values())[-1] if stack else None
 
 
-def _is_activation_type(module_type: Any) -> bool:
-    if isinstance(module_type, str):
-        return any(module_type.endswith(cls.__name__) for cls in ACTIVATION_MODULES)
-    return isinstance(module_type, type) and _activation_kind(module_type) is not None
-
-
 def _unit_dim(x: torch.Tensor, producer: nn.Module | None) -> int:
     """Which dim holds the units: channels for conv-like producers, else the last dim."""
     if x.dim() <= 2:
         return x.dim() - 1 if x.dim() else 0
     if producer is not None:
-        return 1 if isinstance(producer, _CHANNEL_FIRST) else x.dim() - 1
+        return 1 if isinstance(producer, CHANNEL_FIRST) else x.dim() - 1
     return 1 if x.dim() >= 4 else x.dim() - 1
