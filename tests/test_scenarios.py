@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
-from reludoctor.scenarios import SCENARIOS, IsReluDead
+import pytest
+import torch
+
+from reludoctor.scenarios import (
+    REPAIR_SCENARIOS,
+    SCENARIOS,
+    TOY_TASKS,
+    IsReluDead,
+    collapsed,
+    toy_task,
+)
 
 FAST = {"e1": {"samples": 20_000, "epochs": 3}}
 
@@ -68,3 +78,37 @@ def test_a_transformer_trained_too_fast_loses_most_of_its_later_feed_forward_uni
     assert later.dead_fraction >= 0.5 and later.start_dead_fraction == 0.0
     [cause] = result.report.causes()
     assert cause.code == "high_learning_rate"
+
+
+# -- the repair benchmarks' deep narrow networks ------------------------------------------------
+
+
+@pytest.mark.parametrize("task", TOY_TASKS)
+def test_toy_tasks_are_standardised_and_fixed_by_their_seed(task):
+    x, y = toy_task(task, seed=3)
+    again, _ = toy_task(task, seed=3)
+    other, _ = toy_task(task, seed=4)
+    assert x.shape == (1000, 2) and len(y) == 1000
+    assert torch.equal(x, again) and not torch.equal(x, other)
+    if task != "abs":  # the classification inputs are centred and scaled
+        assert x.mean(0).abs().max() < 1e-5 and (x.std(0) - 1).abs().max() < 1e-5
+
+
+def test_an_unknown_toy_task_is_named_with_the_choices():
+    with pytest.raises(ValueError, match="unknown toy task 'spirals'; choose from circles"):
+        toy_task("spirals", seed=0)
+
+
+def test_a_deep_narrow_network_collapses_and_its_wide_control_learns():
+    narrow = dataclasses.replace(REPAIR_SCENARIOS["narrow-circles"], seed=0)
+    setup = narrow.build()
+    result = narrow.run(setup=setup)
+    assert collapsed(setup.model, setup.val[0])
+    assert abs(narrow.metric(setup.model, setup) - narrow.chance) < 0.1
+    assert result.report is not None and not result.report.healthy
+    assert set(narrow.expected_symptoms) <= {f.code for f in result.report.findings}
+    control = dataclasses.replace(REPAIR_SCENARIOS["control-circles"], seed=0)
+    setup = control.build()
+    control.run(watch=False, setup=setup)
+    assert not collapsed(setup.model, setup.val[0])
+    assert control.metric(setup.model, setup) > 0.95

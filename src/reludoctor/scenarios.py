@@ -573,6 +573,128 @@ class TransformerControl(TransformerHighLR):
     expected_symptoms: ClassVar[tuple[str, ...]] = ()
 
 
+# -- deep narrow networks that collapse (the repair benchmarks) --------------------------------
+
+#: The 2-D toy tasks of :class:`DeepNarrow`: classification (scikit-learn's generators, no
+#: download) and a regression, y = |x1| + |x2| on the square [-1, 1]^2.
+TOY_TASKS = ("circles", "blobs", "moons", "abs")
+
+
+def toy_task(task: str, seed: int, samples: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (``samples`` x 2, centred and scaled) and targets of a toy task: class indices,
+    or a column of regression targets for ``"abs"``.
+
+    Example:
+        >>> x, y = toy_task("blobs", seed=0)
+        >>> tuple(x.shape), sorted(set(y.tolist()))
+        ((1000, 2), [0, 1, 2])
+    """
+    from sklearn.datasets import make_blobs, make_circles, make_moons
+
+    if task == "circles":
+        x, y = make_circles(samples, noise=0.05, factor=0.5, random_state=seed)
+    elif task == "blobs":
+        x, y = make_blobs(samples, centers=3, n_features=2, random_state=seed)
+    elif task == "moons":
+        x, y = make_moons(samples, noise=0.1, random_state=seed)
+    elif task == "abs":
+        x = torch.rand(samples, 2, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        return x, x.abs().sum(1, keepdim=True)
+    else:
+        raise ValueError(f"unknown toy task {task!r}; choose from {', '.join(TOY_TASKS)}")
+    inputs = torch.tensor(x, dtype=torch.float32)
+    inputs = (inputs - inputs.mean(0)) / inputs.std(0)
+    return inputs, torch.tensor(y, dtype=torch.long)
+
+
+def evaluated(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs for ``x`` in eval mode, without gradients (its mode kept)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train(was_training)
+    return out
+
+
+def collapsed(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the network gives every input of ``x`` the same output: the spread of each
+    output across the inputs is at most ``COLLAPSED_SPREAD`` of 1 + the outputs' size.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> x = torch.randn(64, 2)
+        >>> collapsed(nn.Linear(2, 1), x)
+        False
+        >>> _ = nn.init.constant_(net[0].bias, -100.0)  # every unit dead
+        >>> collapsed(net, x)
+        True
+    """
+    out = evaluated(model, x).float()
+    return float(out.std(0).max()) <= COLLAPSED_SPREAD * (1 + float(out.abs().max()))
+
+
+#: Output spread at or below this (relative to 1 + the outputs' size) is a collapsed network.
+COLLAPSED_SPREAD = 1e-6
+
+
+@dataclass
+class DeepNarrow(Scenario):
+    """A deep, narrow plain ReLU MLP on a 2-D toy task: the family of published dying-ReLU
+    benchmark programs (Lu et al. 2019, "Dying ReLU and Initialization"). With PyTorch's
+    default initialisation most seeds collapse: a layer's units all die, every input gets the
+    same output, and the metric stays at chance. ``width=32, depth=3`` is the healthy control.
+    """
+
+    task: str = "circles"
+    width: int = 2
+    depth: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    epochs: int = 40  # 25 batches of 32 an epoch: 1000 steps
+    window: int = 50
+
+    name: ClassVar[str] = "deep narrow ReLU MLP on a 2-D toy task"
+    expected_symptoms: ClassVar[tuple[str, ...]] = ("identical_outputs",)
+
+    def build(self) -> Setup:
+        x, y = toy_task(self.task, self.seed)
+        train, val = _split(x, y, 0.8)
+        torch.manual_seed(self.seed)
+        outputs = 1 if self.task == "abs" else int(y.max()) + 1
+        model = mlp([2] + [self.width] * self.depth + [outputs])
+        kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+        optimizer = kinds[self.optimizer](model.parameters(), lr=self.lr)
+        loss_fn = F.mse_loss if self.task == "abs" else F.cross_entropy
+        return Setup(model, optimizer, loss_fn, train, val)
+
+    @property
+    def chance(self) -> float:
+        """The metric of a network that ignores its input: 1 / classes, or R^2 = 0."""
+        return 0.0 if self.task == "abs" else 1.0 / (2 if self.task != "blobs" else 3)
+
+    def metric(self, model: nn.Module, setup: Setup) -> float:
+        """Validation accuracy, or R^2 for the regression."""
+        x, y = setup.val
+        out = evaluated(model, x)
+        if self.task == "abs":
+            return float(1 - F.mse_loss(out, y) / y.var(unbiased=False))
+        return float((out.argmax(1) == y).float().mean())
+
+
+#: The repair benchmarks: deep narrow networks that collapse on most seeds, and healthy
+#: controls on the same tasks (``benchmarks/repair.py``).
+REPAIR_SCENARIOS: dict[str, DeepNarrow] = {
+    "narrow-circles": DeepNarrow(task="circles"),
+    "narrow-blobs": DeepNarrow(task="blobs"),
+    "narrow-abs": DeepNarrow(task="abs"),
+    "narrow-moons-sgd": DeepNarrow(task="moons", width=3, optimizer="sgd", lr=0.05),
+    "control-circles": DeepNarrow(task="circles", width=32, depth=3),
+    "control-blobs": DeepNarrow(task="blobs", width=32, depth=3),
+    "control-abs": DeepNarrow(task="abs", width=32, depth=3),
+}
+
+
 #: Every scenario by short name, the seed experiments first.
 SCENARIOS: dict[str, type[Scenario]] = {
     "e1": IsReluDead,
@@ -588,7 +710,9 @@ SCENARIOS: dict[str, type[Scenario]] = {
 }
 
 __all__ = [
+    "REPAIR_SCENARIOS",
     "SCENARIOS",
+    "DeepNarrow",
     "DeepPlain",
     "DigitsCNN",
     "DigitsMLP",
