@@ -3,7 +3,8 @@
 For each scenario of ``reludoctor.scenarios.REPAIR_SCENARIOS`` (deep narrow ReLU MLPs on 2-D
 toy tasks, most of which collapse untreated, and wide healthy controls) and each seed, the
 same setup is trained twice: untreated (unwatched) and with a repair mode of ``rd.watch``
-(``--mode revive``: live revival, ``revive=True``). Each row says whether the run ended
+(``--mode revive``: live revival, ``revive=True``; ``--mode repair``: the autopilot,
+``repair=True``). Each row says whether the run ended
 collapsed (every validation input gets the same output), its validation metric (accuracy,
 or R^2 for the regression) and the repaired run's wall time over the untreated one's.
 The summary gives the share of collapsing runs that the repair rescued (not collapsed, and
@@ -11,7 +12,7 @@ the metric clearly above chance: by half the way from chance to perfect), the me
 on runs that did not collapse untreated (harm, with the spread across seeds), and the median
 time ratio.
 
-    python benchmarks/repair.py [--seeds 5] [--mode revive] [--only narrow-circles ...]
+    python benchmarks/repair.py [--seeds 5] [--mode revive|repair] [--only narrow-circles ...]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from reludoctor.api.monitor import silenced_live_findings
 from reludoctor.scenarios import REPAIR_SCENARIOS, DeepNarrow, collapsed
 
-MODES = {"revive": {"revive": True}}
+MODES = {"revive": {"revive": True}, "repair": {"repair": True}}
 
 
 @dataclasses.dataclass

@@ -227,3 +227,19 @@ def test_a_script_that_watches_its_model_itself_keeps_its_own_monitor(tmp_path):
     with pytest.warns(RuntimeWarning, match="not watching Sequential"):
         assert run.run() == 0
     assert run.watched == []
+
+
+def test_repair_runs_the_autopilot_on_an_unmodified_script(tmp_path):
+    path = tmp_path / "narrow.py"
+    path.write_text(
+        "import dataclasses\n"
+        "from reludoctor.scenarios import REPAIR_SCENARIOS\n"
+        "scenario = dataclasses.replace(REPAIR_SCENARIOS['narrow-circles'], epochs=8)\n"
+        "scenario.run(watch=False)\n"
+    )
+    result = reludoctor_run(tmp_path, "--repair", "--window", "50", "-q", str(path))
+    assert result.returncode == 0, result.stderr
+    data = report(tmp_path, "Sequential")
+    actions = data["meta"]["autopilot"]
+    assert actions and actions[0]["action"] == "revive"
+    assert "identical" in actions[0]["evidence"]

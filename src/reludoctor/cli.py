@@ -413,6 +413,14 @@ def run_script(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No summary, no findings while training.")
     ] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Repair a run that collapses while it trains (recycle units, rewind with a "
+            "lower rate, batch norm, LeakyReLU, re-initialise), undoing what makes it worse.",
+        ),
+    ] = False,
 ) -> None:
     """Run SCRIPT [ARGS...] unmodified, watching every model it trains; write the reports
     when it ends (also on an error, Ctrl-C, SIGTERM or SIGHUP) and exit with the script's own
@@ -423,7 +431,7 @@ def run_script(
     from reludoctor.run import ScriptRun, prepare_out
 
     try:
-        run = ScriptRun(script, ctx.args, window=window, sample_every=sample_every)
+        run = ScriptRun(script, ctx.args, window=window, sample_every=sample_every, repair=repair)
         out = prepare_out(out)
     except InputError as error:
         raise _fail(str(error)) from None

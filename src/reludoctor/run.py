@@ -242,11 +242,14 @@ class ScriptRun:
         *,
         window: int = DEFAULT_WINDOW,
         sample_every: int = DEFAULT_SAMPLE_EVERY,
+        repair: bool = False,
     ) -> None:
         self.script = check_script(script)
         self.args = list(args)
         self.window = window
         self.sample_every = sample_every
+        #: Whether each model is watched with the repair autopilot (``rd.watch(repair=True)``).
+        self.repair = repair
         self.watched: list[_Watched] = []
         #: How the script ended: "finished", "exit", "error", "interrupted" (Ctrl-C),
         #: "terminated" (SIGTERM) or "hangup" (SIGHUP).
@@ -272,7 +275,9 @@ class ScriptRun:
 
     def _watch(self, model: nn.Module) -> None:
         try:
-            monitor = watch(model, window=self.window, sample_every=self.sample_every)
+            monitor = watch(
+                model, window=self.window, sample_every=self.sample_every, repair=self.repair
+            )
         except Exception as error:  # e.g. the script watches this model itself: never raise
             warnings.warn(
                 f"reludoctor run: not watching {printable(type(model).__name__)}: {error}",

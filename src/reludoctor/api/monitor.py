@@ -21,6 +21,7 @@ from reludoctor.diagnose.rules import LIVE_RULES, Observations, run_rules
 from reludoctor.diagnose.summaries import LayerReport, Window
 from reludoctor.diagnose.summarize import DORMANCY_THRESHOLD, UNIT_DETAIL_LIMIT, Summarizer
 from reludoctor.diagnose.thresholds import Thresholds
+from reludoctor.fix.autopilot import Autopilot
 from reludoctor.fix.live_revival import LiveRevival
 from reludoctor.probe.compiled import compiled_module, is_compiled
 from reludoctor.probe.probes import BACKEND_REASON, Probes, model_name
@@ -76,6 +77,7 @@ class Monitor:
         revive: bool = False,
         revive_cap: int = DEFAULT_REVIVE_CAP,
         rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
+        repair: bool = False,
         log_dir: str | os.PathLike[str] | None = None,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
         scaler: Any = None,
@@ -88,6 +90,11 @@ class Monitor:
             raise ValueError(
                 "rd.watch(revive=True) needs optimizer=: reviving units resets the optimizer's "
                 "state for them"
+            )
+        if revive and repair:
+            raise ValueError(
+                "rd.watch: pass revive=True or repair=True, not both (repair=True recycles "
+                "units as its first step)"
             )
         revive_cap = positive_int(revive_cap, "revive_cap")
         self.thresholds = thresholds or Thresholds()
@@ -129,6 +136,18 @@ class Monitor:
                 counting_off=self._not_counting,
             )
             self.tracker.on_window.append(self.revival)
+        self.autopilot: Autopilot | None = None
+        if repair:
+            self.autopilot = Autopilot(
+                model,
+                optimizer,
+                thresholds=self.thresholds,
+                observations=self._observations,
+                example=lambda: self.example_input,
+                counting_off=self._not_counting,
+                compiled=lambda: self.ran_compiled,
+            )
+            self.tracker.on_window.append(self.autopilot)
         if on_window is not None:
             self.tracker.on_window.append(on_window)
         self.count_eval = count_eval
@@ -178,6 +197,8 @@ class Monitor:
         """
         if optimizer is not None:
             self.optimizer = optimizer
+            if self.autopilot is not None:
+                self.autopilot.optimizer = optimizer
         if scaler is not None:
             self.scaler = scaler
         if loss is not None:
@@ -353,6 +374,8 @@ class Monitor:
             meta["wrapper"] = type(self.model).__name__
         if self.revivals:
             meta["revivals"] = self.revivals
+        if self.autopilot is not None:
+            meta["autopilot"] = self.autopilot.actions
         if self.ranks is not None:
             meta["ranks"] = self.ranks.meta()
         meta.update(self.tracker.settings())
@@ -455,6 +478,7 @@ def watch(
     revive: bool = False,
     revive_cap: int = DEFAULT_REVIVE_CAP,
     rewind_lr_factor: float | None = DEFAULT_REWIND_LR_FACTOR,
+    repair: bool = False,
     log_dir: str | os.PathLike[str] | None = None,
     rank_timeout: float = DEFAULT_RANK_TIMEOUT,
     scaler: Any = None,
@@ -486,6 +510,11 @@ def watch(
             and every learning rate is divided by this factor (logged as a warning, kept in
             ``doc.revivals``). Costs one CPU copy of the model's and optimizer's state;
             ``None`` never rewinds. See :mod:`reludoctor.fix.live_revival`.
+        repair: when the run collapses or layers die at error level and the loss stops
+            improving, take the next repair step at a window's end (recycle units, rewind
+            with a lower rate, batch norm, LeakyReLU, re-initialise), each undone if the next
+            window's loss is worse; what it did is in ``doc.autopilot.actions`` and the
+            report's ``meta["autopilot"]``. See :mod:`reludoctor.fix.autopilot`.
         log_dir: a directory (created if missing) to write a TensorBoard log to
             (``tensorboard --logdir <log_dir>``), at each window's end: per layer the dead
             fraction, alive units, gradient norm and histograms of pre-activations and
@@ -525,6 +554,7 @@ def watch(
         revive=revive,
         revive_cap=revive_cap,
         rewind_lr_factor=rewind_lr_factor,
+        repair=repair,
         log_dir=log_dir,
         rank_timeout=rank_timeout,
         scaler=scaler,

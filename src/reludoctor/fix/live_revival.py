@@ -36,14 +36,14 @@ from reludoctor.text import printable
 logger = logging.getLogger("reludoctor")
 
 
-def _cpu_copy(value: Any) -> Any:
+def cpu_copy(value: Any) -> Any:
     """``value`` (a state dict, nested) with every tensor copied to the CPU."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {key: _cpu_copy(item) for key, item in value.items()}
+        return {key: cpu_copy(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_cpu_copy(item) for item in value)
+        return type(value)(cpu_copy(item) for item in value)
     return value
 
 
@@ -130,8 +130,8 @@ class LiveRevival:
     def _keep_state(self, step: int) -> None:
         self._stable = (
             step,
-            _cpu_copy(self.model.state_dict()),
-            _cpu_copy(self.optimizer.state_dict()),
+            cpu_copy(self.model.state_dict()),
+            cpu_copy(self.optimizer.state_dict()),
         )
 
     def _rewind(self, window: Window, cause: str) -> bool:
@@ -140,7 +140,7 @@ class LiveRevival:
         step, model_state, optimizer_state = self._stable
         before = [group["lr"] for group in self.optimizer.param_groups]
         after = [float(lr) / self.lr_factor for lr in before]
-        current = (_cpu_copy(self.model.state_dict()), _cpu_copy(self.optimizer.state_dict()))
+        current = (cpu_copy(self.model.state_dict()), cpu_copy(self.optimizer.state_dict()))
         try:
             self.model.load_state_dict(model_state)
             self.optimizer.load_state_dict(optimizer_state)

@@ -87,6 +87,10 @@ def summary(report: Report, max_layers: int = 10) -> Group:
     hidden = len(report.layers) - max_layers
     if hidden > 0:
         parts.append(Text(f"... and {hidden} more layers (see the JSON report)", style="dim"))
+    autopilot = report.autopilot_lines()
+    if autopilot:
+        parts.append(Text("Autopilot", style="bold"))
+        parts += [Text(f"  {line}") for line in autopilot]
     findings = report.sorted_findings()
     if findings:
         parts.append(Text("Findings", style="bold"))

@@ -194,6 +194,14 @@ def _summary(report: Report) -> str:
         parts.append(f'<p class="warning">{_e(report.missing_ranks_note)}</p>')
     if report.layers:
         parts.append(_worst_table(report))
+    autopilot = report.autopilot_lines()
+    if autopilot:
+        parts.append("<h3>What the autopilot did</h3>")
+        parts.append(
+            '<ul class="autopilot">'
+            + "".join(f"<li>{_e(line)}</li>" for line in autopilot)
+            + "</ul>"
+        )
     findings = report.sorted_findings()
     if findings:
         parts.append("<h3>Diagnosis</h3>")

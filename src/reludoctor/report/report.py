@@ -63,6 +63,30 @@ class Report:
         value = self.meta.get("dead_error_fraction")
         return Thresholds.dead_error_fraction if value is None else value
 
+    def autopilot_lines(self) -> list[str]:
+        """What ``rd.watch(repair=True)`` did, one sentence per action: when, what, why, and
+        the loss of the window before it and of the window after it (empty without it).
+
+        Example:
+            >>> r = Report([], [], [], meta={"autopilot": [{"action": "revive", "step": 50,
+            ...     "evidence": "outputs identical", "loss_before": 0.72,
+            ...     "loss_after": 0.7, "verdict": "kept"}]})
+            >>> r.autopilot_lines()
+            ['step 50: revive (outputs identical): loss 0.72 -> 0.7, kept']
+        """
+        lines = []
+        for action in self.meta.get("autopilot") or []:
+            head = f"step {action.get('step', '?')}: {action.get('action', '?')}"
+            why = f" ({action['evidence']})" if action.get("evidence") else ""
+            if "skipped" in action:
+                lines.append(f"{head} skipped: {action['skipped']}")
+                continue
+            before, after = action.get("loss_before"), action.get("loss_after")
+            loss = f": loss {_loss(before)} -> {_loss(after)}" if "verdict" in action else ""
+            verdict = f", {action['verdict']}" if "verdict" in action else ", judged next window"
+            lines.append(f"{head}{why}{loss}{verdict}")
+        return [printable(line) for line in lines]
+
     def mortal_dead_fraction(self) -> float | None:
         """Dead units over all units of the layers whose units can die (None: no such layer;
         which kinds can die: :mod:`reludoctor.catalogue.activations`)."""
@@ -245,6 +269,7 @@ META_TYPES: dict[str, Any] = {
     "sample_every": int,
     "dormancy_threshold": float,
     "dead_error_fraction": float,
+    "autopilot": list[dict[str, Any]],
     "ranks": _Ranks,
 }
 
@@ -438,3 +463,7 @@ def _check_layer(layer: LayerReport, where: str) -> None:
                 f"0; {REWRITE}"
             )
         layer.preact_histogram = histogram
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else "n/a"

@@ -121,7 +121,11 @@ def diagnosis_markdown(report: Report) -> str:
     ]
     verdict = "healthy" if report.healthy else "unhealthy"
     head = f"**Diagnosis: {verdict}** ({', '.join(counts) or 'no findings'})"
-    return f"{head}\n\n{findings_markdown(findings)}" if findings else head
+    text = f"{head}\n\n{findings_markdown(findings)}" if findings else head
+    autopilot = report.autopilot_lines()
+    if autopilot:
+        text += "\n\n**Autopilot**\n\n" + "\n".join(f"- {_text(line)}" for line in autopilot)
+    return text
 
 
 def _code(text: str) -> str:
