@@ -143,3 +143,20 @@ def test_a_compiled_model_gets_no_structural_change_and_is_told_why():
         "kaiming_init": "kaiming_init would change a compiled model's graph",
     }
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_without_losses_an_action_is_kept_and_a_nonfinite_loss_undoes_one():
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pilot = autopilot(model, optimizer)
+    no_loss = dataclasses.replace(window(0, loss=1.0, spread=0.0), loss_mean=None)
+    pilot(no_loss)  # rewind taken (revive cannot apply)
+    pilot(dataclasses.replace(no_loss, index=1))
+    assert pilot.actions[1]["verdict"].startswith("kept (no loss to judge it by")
+    nonfinite = dataclasses.replace(window(2, loss=1.0, spread=0.0), loss_nonfinite=True)
+    pilot(nonfinite)  # the batch norm taken at window 1 is undone
+    assert [(a["action"], a.get("verdict")) for a in pilot.actions[1:3]] == [
+        ("rewind", "kept (no loss to judge it by: pass loss= to doc.step)"),
+        ("batch_norm", "undone"),
+    ]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.modules())

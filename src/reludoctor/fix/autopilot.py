@@ -16,8 +16,9 @@ healthy one. Otherwise the autopilot takes the next step of its ladder, one per 
 5. ``kaiming_init`` - every ReLU layer re-initialised (He), the optimizer's state cleared.
 
 Each action is judged at the next window's end: when that window's mean loss is above the
-mean loss of the window that led to the action, the action is undone (model, optimizer and
-learning rates as they were) and the next step is tried at the following window. An action
+mean loss of the window that led to the action, or went non-finite, the action is undone
+(model, optimizer and learning rates as they were) and the next step is tried at the
+following window. Without losses (``doc.step()`` given none) an action is kept unjudged. An action
 that cannot apply (no dead unit with a Linear/Conv feeding it; a model whose layers run in a
 custom ``forward``; a compiled model, whose graph a structural change would invalidate) is
 skipped with the reason and the next step tried at once. Without a ``torch.optim`` optimizer
@@ -135,8 +136,10 @@ class Autopilot:
         entry, undo, before = self._pending
         self._pending = None
         entry["loss_after"] = loss
-        worse = loss is None or (before is not None and loss > before)
-        if worse:
+        worse = window.loss_nonfinite or (before is not None and loss is not None and loss > before)
+        if not worse and (before is None or loss is None):
+            entry["verdict"] = "kept (no loss to judge it by: pass loss= to doc.step)"
+        elif worse:
             undo()
             entry["verdict"] = "undone"
             logger.warning(
