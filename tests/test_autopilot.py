@@ -160,3 +160,31 @@ def test_without_losses_an_action_is_kept_and_a_nonfinite_loss_undoes_one():
         ("batch_norm", "undone"),
     ]
     assert not any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+
+
+def test_under_torch_distributed_repair_is_declined_with_a_warning(monkeypatch):
+    class OneRankOfTwo:  # stands in for the combiner of a real two-process run
+        def __init__(self, timeout: float) -> None:
+            pass
+
+        def combine(self, snapshots, step):
+            return snapshots
+
+    monkeypatch.setattr("reludoctor.api.monitor.world", lambda: (0, 2))
+    monkeypatch.setattr("reludoctor.probe.distributed.RankCombiner", OneRankOfTwo)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="does not repair under torch.distributed"):
+        doc = rd.watch(model, optimizer=optimizer, repair=True)
+    assert doc.autopilot is None
+    doc.close()
+
+
+def test_a_report_keeps_the_actions_as_they_were_when_it_was_made():
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with rd.watch(model, optimizer=optimizer, repair=True) as doc:
+        doc.autopilot.actions.append({"action": "revive", "step": 5})  # as if it had acted
+        report = doc.report(warn_if_empty=False)
+        doc.autopilot.actions[0]["verdict"] = "kept"  # judged after the report was made
+    assert report.meta["autopilot"] == [{"action": "revive", "step": 5}]

@@ -137,7 +137,15 @@ class Monitor:
             )
             self.tracker.on_window.append(self.revival)
         self.autopilot: Autopilot | None = None
-        if repair:
+        if repair and world_size > 1:
+            warnings.warn(
+                "rd.watch(repair=True) does not repair under torch.distributed yet (each rank "
+                "would judge its own loss and could change its copy of the model alone): "
+                "watching without repair",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif repair:
             self.autopilot = Autopilot(
                 model,
                 optimizer,
@@ -375,7 +383,7 @@ class Monitor:
         if self.revivals:
             meta["revivals"] = self.revivals
         if self.autopilot is not None:
-            meta["autopilot"] = self.autopilot.actions
+            meta["autopilot"] = [dict(action) for action in self.autopilot.actions]
         if self.ranks is not None:
             meta["ranks"] = self.ranks.meta()
         meta.update(self.tracker.settings())
