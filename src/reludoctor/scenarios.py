@@ -127,13 +127,7 @@ class Scenario:
 
     @staticmethod
     def _evaluate(setup: Setup) -> float:
-        model = setup.model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            value = float(setup.loss_fn(model(setup.val[0]), setup.val[1]))
-        model.train(was_training)
-        return value
+        return float(setup.loss_fn(evaluated(setup.model, setup.val[0]), setup.val[1]))
 
 
 def _split(

@@ -50,3 +50,13 @@ def counted(n: int, noun: str) -> str:
     '3 steps'
     """
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def short_number(value: object) -> str:
+    """A number to 4 significant digits; ``"n/a"`` for anything else (None: not measured).
+
+    Example:
+        >>> short_number(0.71769), short_number(12), short_number(None)
+        ('0.7177', '12', 'n/a')
+    """
+    return f"{value:.4g}" if isinstance(value, int | float) else "n/a"

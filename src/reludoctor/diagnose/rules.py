@@ -293,7 +293,7 @@ def identical_outputs(obs: Observations, t: Thresholds) -> Result:
     if not measured:
         return [Unjudged("identical_outputs", "no sampled forward with a batch of 2 or more")]
     last = measured[-1]
-    if last.output_spread >= t.identical_spread:  # type: ignore[operator]
+    if not identical_window(last, t):
         return []
     return [
         _symptom(
@@ -305,6 +305,12 @@ def identical_outputs(obs: Observations, t: Thresholds) -> Result:
             {"output_spread": last.output_spread, "steps": [last.start_step, last.end_step]},
         )
     ]
+
+
+def identical_window(w: Window, t: Thresholds) -> bool:
+    """Whether the window's outputs were (nearly) the same for every input of a batch: their
+    spread below ``identical_spread`` of their size."""
+    return w.output_spread is not None and w.output_spread < t.identical_spread
 
 
 def _grad_windows(obs: Observations) -> list[Window]:

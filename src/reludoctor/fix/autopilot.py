@@ -36,10 +36,9 @@ import torch
 from torch import nn
 
 from reludoctor.catalogue.activations import can_die
-from reludoctor.diagnose.rules import Observations
+from reludoctor.diagnose.rules import Observations, identical_window
 from reludoctor.diagnose.summaries import Window
 from reludoctor.diagnose.thresholds import Thresholds
-from reludoctor.fix.live_revival import cpu_copy
 from reludoctor.fix.remedies import (
     RemedyError,
     RemedyRecord,
@@ -48,8 +47,10 @@ from reludoctor.fix.remedies import (
     swap_activation,
 )
 from reludoctor.fix.revive import revive_units
+from reludoctor.fix.saved_state import SavedState, cpu_copy
 from reludoctor.probe.compiled import is_compiled
 from reludoctor.report.report import Report
+from reludoctor.text import short_number
 
 logger = logging.getLogger("reludoctor")
 
@@ -89,7 +90,7 @@ class Autopilot:
         self._next = 0  # the ladder's next step
         self._previous_loss: float | None = None
         self._pending: tuple[dict[str, Any], Callable[[], None], float | None] | None = None
-        self._healthy_state: tuple[int, dict[str, Any], dict[str, Any]] | None = None
+        self._healthy_state: SavedState | None = None
         if self.known_optimizer:
             self._keep_state(0)
 
@@ -118,7 +119,7 @@ class Autopilot:
     def _sickness(self, window: Window) -> str | None:
         """Why the window is sick (None: it is not)."""
         t = self.thresholds
-        if window.output_spread is not None and window.output_spread <= t.identical_spread:
+        if identical_window(window, t):
             return f"the outputs are identical across the batch (spread {window.output_spread:.2g})"
         dead = [
             layer
@@ -146,8 +147,8 @@ class Autopilot:
                 "reludoctor at step %d: undid %s (loss %s -> %s)",
                 window.end_step,
                 entry["action"],
-                _number(before),
-                _number(loss),
+                short_number(before),
+                short_number(loss),
             )
         else:
             entry["verdict"] = "kept"
@@ -166,7 +167,7 @@ class Autopilot:
             }
             try:
                 undo = self._apply(step)
-            except (RemedyError, RuntimeError, ValueError) as error:
+            except (RemedyError, RuntimeError, ValueError, KeyError) as error:
                 entry["skipped"] = str(error)
                 self.actions.append(entry)
                 continue
@@ -218,26 +219,14 @@ class Autopilot:
         return record
 
     def _keep_state(self, step: int) -> None:
-        self._healthy_state = (
-            step,
-            cpu_copy(self.model.state_dict()),
-            cpu_copy(self.optimizer.state_dict()),
-        )
+        self._healthy_state = SavedState.take(self.model, self.optimizer, step)
 
     def _rewind(self) -> Callable[[], None]:
         assert self._healthy_state is not None
-        _, model_state, optimizer_state = self._healthy_state
-        current = (cpu_copy(self.model.state_dict()), cpu_copy(self.optimizer.state_dict()))
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optimizer_state)
+        replaced = self._healthy_state.restore(self.model, self.optimizer)
         for group in self.optimizer.param_groups:
             group["lr"] = float(group["lr"]) / REWIND_FACTOR
-
-        def undo() -> None:
-            self.model.load_state_dict(current[0])
-            self.optimizer.load_state_dict(current[1])
-
-        return undo
+        return lambda: replaced.restore(self.model, self.optimizer)
 
 
 def _kaiming(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemedyRecord:
@@ -258,7 +247,3 @@ def _improving(previous: float | None, loss: float | None, t: Thresholds) -> boo
     if previous is None or loss is None or previous <= 0:
         return False
     return (previous - loss) / previous >= t.plateau_improvement
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"

@@ -30,21 +30,11 @@ from reludoctor.diagnose.rules import Observations, high_learning_rate, run_rule
 from reludoctor.diagnose.summaries import LayerReport, Window
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.fix.revive import revive_units
+from reludoctor.fix.saved_state import SavedState
 from reludoctor.report.report import Report
 from reludoctor.text import printable
 
 logger = logging.getLogger("reludoctor")
-
-
-def cpu_copy(value: Any) -> Any:
-    """``value`` (a state dict, nested) with every tensor copied to the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: cpu_copy(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(cpu_copy(item) for item in value)
-    return value
 
 
 class LiveRevival:
@@ -82,7 +72,7 @@ class LiveRevival:
         self._counting_off = counting_off
         #: One entry per window end at which revival acted.
         self.actions: list[dict[str, Any]] = []
-        self._stable: tuple[int, dict[str, Any], dict[str, Any]] | None = None
+        self._stable: SavedState | None = None
         if lr_factor is not None:
             self._keep_state(0)
 
@@ -128,25 +118,17 @@ class LiveRevival:
 
     # -- rewinding ------------------------------------------------------------------------
     def _keep_state(self, step: int) -> None:
-        self._stable = (
-            step,
-            cpu_copy(self.model.state_dict()),
-            cpu_copy(self.optimizer.state_dict()),
-        )
+        self._stable = SavedState.take(self.model, self.optimizer, step)
 
     def _rewind(self, window: Window, cause: str) -> bool:
         """Back to the last stable state with lower learning rates; False if impossible."""
         assert self._stable is not None and self.lr_factor is not None
-        step, model_state, optimizer_state = self._stable
+        step = self._stable.step
         before = [group["lr"] for group in self.optimizer.param_groups]
         after = [float(lr) / self.lr_factor for lr in before]
-        current = (cpu_copy(self.model.state_dict()), cpu_copy(self.optimizer.state_dict()))
         try:
-            self.model.load_state_dict(model_state)
-            self.optimizer.load_state_dict(optimizer_state)
+            self._stable.restore(self.model, self.optimizer)
         except (RuntimeError, ValueError, KeyError) as error:
-            self.model.load_state_dict(current[0])
-            self.optimizer.load_state_dict(current[1])
             logger.warning(
                 "reludoctor at step %d: could not rewind to step %d (%s); recycling units only",
                 window.end_step,

@@ -17,7 +17,7 @@ from reludoctor.diagnose.summaries import LayerReport, Window, kept_fields
 from reludoctor.diagnose.thresholds import Thresholds
 from reludoctor.errors import InputError
 from reludoctor.files import atomic_write_text
-from reludoctor.text import printable
+from reludoctor.text import printable, short_number
 
 #: Version of the JSON layout written by :meth:`Report.save_json`.
 SCHEMA_VERSION = 1
@@ -81,10 +81,12 @@ class Report:
             if "skipped" in action:
                 lines.append(f"{head} skipped: {action['skipped']}")
                 continue
+            if "verdict" not in action:
+                lines.append(f"{head}{why}, judged next window")
+                continue
             before, after = action.get("loss_before"), action.get("loss_after")
-            loss = f": loss {_loss(before)} -> {_loss(after)}" if "verdict" in action else ""
-            verdict = f", {action['verdict']}" if "verdict" in action else ", judged next window"
-            lines.append(f"{head}{why}{loss}{verdict}")
+            loss = f"loss {short_number(before)} -> {short_number(after)}"
+            lines.append(f"{head}{why}: {loss}, {action['verdict']}")
         return [printable(line) for line in lines]
 
     def mortal_dead_fraction(self) -> float | None:
@@ -463,7 +465,3 @@ def _check_layer(layer: LayerReport, where: str) -> None:
                 f"0; {REWRITE}"
             )
         layer.preact_histogram = histogram
-
-
-def _loss(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, int | float) else "n/a"
